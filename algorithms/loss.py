@@ -1,0 +1,438 @@
+"""GRPO loss as pure tensor functions.
+
+Everything here is stateless: the trainer computes log-probabilities, passes them in, and gets back a
+scalar loss plus a flat ``dict[str, float]`` of namespaced metrics ready for logging.
+
+Shape legend used in the comments: ``P`` prompts, ``G`` completions per prompt, ``B = P * G``
+sequences, ``T`` completion tokens (padded), ``V`` vocabulary size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOSS_TYPES",
+    "LossOutput",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
+    "selective_log_softmax",
+    "token_entropy",
+]
+
+# Rows of the flattened [B*T, V] logits handled at once. With a 152k vocabulary one fp32 chunk is
+# ~150 MB, small next to the logits themselves, while still keeping the Python loop short.
+DEFAULT_CHUNK_SIZE = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: Tensor, *, scale: bool = True, eps: float = 1e-4
+) -> tuple[Tensor, dict[str, float]]:
+    """Group-relative advantages: each completion's reward against its own prompt's group.
+
+    The standard deviation is the population one (``correction=0``, i.e. ``unbiased=False``), unlike
+    TRL which uses Bessel's correction. With the population std the scaled advantages of any
+    non-constant group have a root-mean-square of exactly 1 (up to ``eps``) whatever ``G`` is, so
+    the advantage scale, and therefore the effective learning rate, does not shift when the group
+    size is changed (with Bessel's correction ``G = 2`` gives +-0.707, ``G = 8`` gives ~+-0.94).
+
+    Groups whose rewards are all equal get advantages of exactly 0: they carry no learning signal,
+    and forcing 0 avoids float rounding in the mean being blown up by the tiny ``std + eps``.
+
+    Args:
+        rewards: Rewards of shape ``[P, G]``, one row per prompt, one column per completion.
+        scale: If True divide by ``std_group + eps``; if False only subtract the group mean
+            (the Dr. GRPO variant, which avoids up-weighting near-constant groups).
+        eps: Added to the group std before dividing.
+
+    Returns:
+        A tuple ``(advantages, metrics)``. ``advantages`` has shape ``[P, G]`` and the dtype of
+        ``rewards`` (float32 if ``rewards`` is an integer tensor). ``metrics`` holds
+        ``grpo/frac_reward_zero_std`` (share of groups with all-equal rewards), ``reward/mean`` and
+        ``reward/std`` (population std over all ``P * G`` rewards).
+
+    Raises:
+        ValueError: If ``rewards`` is not 2-D, has fewer than 2 completions per group, or contains
+            non-finite values.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(
+            f"rewards must be 2-D [P, G] (prompts x completions), got shape {tuple(rewards.shape)}"
+        )
+    num_groups, group_size = rewards.shape
+    if group_size < 2:
+        raise ValueError(
+            f"group-relative advantages need at least 2 completions per prompt (G >= 2), got "
+            f"G={group_size} from rewards of shape {tuple(rewards.shape)}"
+        )
+    if num_groups == 0:
+        raise ValueError(f"rewards has no groups (P=0), shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or inf; a reward function returned a non-finite value")
+
+    mean = rewards.mean(dim=1, keepdim=True)  # [P, 1]
+    advantages = rewards - mean  # [P, G]
+    if scale:
+        std = rewards.std(dim=1, keepdim=True, correction=0)  # [P, 1]
+        advantages = advantages / (std + eps)
+
+    # Exact equality rather than std < tol: the metric is "no signal at all in this group".
+    zero_std = (rewards == rewards[:, :1]).all(dim=1)  # [P]
+    advantages = torch.where(zero_std.unsqueeze(1), torch.zeros_like(advantages), advantages)
+
+    metrics = {
+        "grpo/frac_reward_zero_std": zero_std.float().mean().item(),
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std(correction=0).item(),
+    }
+    return advantages, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 logsumexp over a large vocabulary loses ~2 decimal digits, enough to make
+    # exp(logp - old_logp) visibly noisy, so half types are computed (and returned) in fp32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Chunked ``log_softmax(logits).gather(index)`` that saves nothing but its inputs.
+
+    Letting autograd trace the chunks would keep one fp32 copy of every chunk alive until backward
+    (a full upcast copy of the logits for bf16 models); recomputing the softmax per chunk in
+    backward keeps peak extra memory at one chunk in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+        vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab)  # [N, V]
+        flat_index = index.reshape(-1, 1)  # [N, 1]
+        out_dtype = _compute_dtype(logits.dtype)
+        out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
+        for start in range(0, flat_logits.shape[0], chunk_size):
+            stop = start + chunk_size
+            chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
+            picked = chunk.gather(1, flat_index[start:stop]).squeeze(1)  # [n]
+            out[start:stop] = picked - torch.logsumexp(chunk, dim=-1)
+        ctx.save_for_backward(logits, index)
+        ctx.chunk_size = chunk_size
+        return out.view(index.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        logits, index = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab)  # [N, V]
+        flat_index = index.reshape(-1, 1)  # [N, 1]
+        flat_grad = grad_out.reshape(-1, 1)  # [N, 1]
+        compute_dtype = _compute_dtype(logits.dtype)
+        grad_logits = torch.empty_like(flat_logits)  # [N, V]
+        for start in range(0, flat_logits.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            probs = torch.softmax(flat_logits[start:stop].to(compute_dtype), dim=-1)  # [n, V]
+            g_out = flat_grad[start:stop].to(compute_dtype)  # [n, 1]
+            # d/dz_j [z_i - logsumexp(z)] = 1[j == i] - softmax(z)_j
+            grad_chunk = probs.mul_(-g_out)
+            grad_chunk.scatter_add_(1, flat_index[start:stop], g_out)
+            grad_logits[start:stop] = grad_chunk.to(logits.dtype)
+        return grad_logits.view(logits.shape), None, None
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+
+
+def selective_log_softmax(
+    logits: Tensor, index: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
+    """Log-probability of the chosen tokens, without a full ``[B, T, V]`` log-softmax.
+
+    Equivalent to ``torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]`` but the
+    ``B * T`` rows are processed ``chunk_size`` at a time, in forward and in backward, so the
+    extra memory is one ``[chunk_size, V]`` block instead of a second copy of the logits.
+    Differentiable with respect to ``logits`` (first order).
+
+    Args:
+        logits: Logits of shape ``[B, T, V]`` (any leading shape works; the last dim is ``V``).
+        index: Chosen token ids of shape ``[B, T]`` (the leading shape of ``logits``).
+        chunk_size: Number of rows (token positions) handled at once.
+
+    Returns:
+        Log-probabilities of shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
+
+    Raises:
+        ValueError: If the shapes disagree or ``chunk_size < 1``.
+    """
+    if logits.dim() < 1 or tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"index shape {tuple(index.shape)} must equal the logits shape without its vocabulary "
+            f"dim; logits shape is {tuple(logits.shape)}"
+        )
+    _check_chunk_size(chunk_size)
+    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Entropy of the next-token distribution at every position (a metric; no gradient).
+
+    Computed as ``logsumexp(z) - sum(softmax(z) * z)`` chunk by chunk over rows, which equals
+    ``-sum(p * log p)`` without building ``log p`` for the whole batch.
+
+    Args:
+        logits: Logits of shape ``[B, T, V]`` (any leading shape; the last dim is ``V``).
+        chunk_size: Number of rows (token positions) handled at once.
+
+    Returns:
+        Entropies in nats, shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
+
+    Raises:
+        ValueError: If ``chunk_size < 1``.
+    """
+    _check_chunk_size(chunk_size)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)  # [N, V]
+    out_dtype = _compute_dtype(logits.dtype)
+    out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
+    for start in range(0, flat_logits.shape[0], chunk_size):
+        stop = start + chunk_size
+        chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
+        probs = torch.softmax(chunk, dim=-1)  # [n, V]
+        out[start:stop] = torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(dim=-1)
+    return out.view(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO loss
+# --------------------------------------------------------------------------------------------------
+
+
+class LossOutput(NamedTuple):
+    """Result of :func:`grpo_loss`.
+
+    Attributes:
+        loss: Scalar tensor to call ``backward()`` on.
+        metrics: Namespaced python floats for logging.
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+# A normaliser turns masked per-token losses into one scalar: (per_token [B, T] already zero at
+# padding, mask [B, T] float, max_completion_length) -> scalar.
+_Normaliser = Callable[[Tensor, Tensor, int | None], Tensor]
+
+
+def _normalise_grpo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    # Original GRPO: every sequence weighs the same, so a token of a long completion weighs less.
+    per_seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
+    return per_seq.mean()
+
+
+def _normalise_dr_grpo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    # Dr. GRPO: a constant denominator, so no length bias within or across batches.
+    if max_len is None:
+        raise ValueError(
+            "loss_type='dr_grpo' needs max_completion_length (the generation budget): its "
+            "denominator must be a constant, and defaulting to the padded width T would make it "
+            "vary from batch to batch"
+        )
+    return per_token.sum() / (per_token.shape[0] * max_len)
+
+
+def _normalise_dapo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    # DAPO: every token in the batch weighs the same.
+    return per_token.sum() / mask.sum().clamp(min=1)
+
+
+_NORMALISERS: dict[str, _Normaliser] = {
+    "grpo": _normalise_grpo,
+    "dr_grpo": _normalise_dr_grpo,
+    "dapo": _normalise_dapo,
+}
+
+LOSS_TYPES: tuple[str, ...] = tuple(_NORMALISERS)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of ``KL(pi || pi_ref)`` from samples of ``pi``.
+
+    ``exp(d) - d - 1`` with ``d = ref_logp - logp``: unbiased for the KL (since ``E_pi[exp(d)] = 1``)
+    and, unlike the plain ``-d`` estimator, never negative, because ``exp(d) >= 1 + d``.
+
+    Args:
+        logp: Log-probs of the sampled tokens under the policy, any shape (``[B, T]`` in practice).
+        ref_logp: Log-probs of the same tokens under the reference policy, same shape.
+
+    Returns:
+        The per-token estimate, same shape as ``logp``, differentiable with respect to both inputs.
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+def _check_inputs(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    beta: float,
+    clip_low: float,
+    clip_high: float,
+    loss_type: str,
+    max_completion_length: int | None,
+) -> None:
+    if loss_type not in _NORMALISERS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid names are {sorted(_NORMALISERS)}")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
+    shape = tuple(logp.shape)
+    for name, tensor in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} shape {tuple(tensor.shape)} does not match logp shape {shape} ([B, T])"
+            )
+    if tuple(advantages.shape) != shape[:1]:
+        raise ValueError(
+            f"advantages must have shape [B] = {shape[:1]} (one per sequence), got "
+            f"{tuple(advantages.shape)}"
+        )
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
+    if clip_high < 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    beta: float,
+    clip_low: float,
+    clip_high: float,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> LossOutput:
+    """Token-level clipped GRPO surrogate with an optional k3 KL penalty to a reference policy.
+
+    Per token, with ``ratio = exp(logp - old_logp)`` and the sequence's advantage ``A``::
+
+        loss_t = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * k3_t
+        k3_t   = exp(ref - logp) - (ref - logp) - 1        # unbiased, >= 0 estimate of KL(pi || ref)
+
+    and the masked per-token losses are reduced according to ``loss_type``:
+
+    * ``"grpo"``: mean over each sequence's own tokens, then mean over the ``B`` sequences.
+    * ``"dr_grpo"``: sum over all tokens / ``(B * max_completion_length)``. ``max_completion_length``
+      is required (there is deliberately no default to ``T``, which changes with the batch padding).
+    * ``"dapo"``: sum over all tokens / number of real tokens in the batch.
+
+    Padding positions are neutralised before any ``exp`` so garbage log-probs there cannot leak
+    ``inf``/``NaN`` into the loss or the gradient, and every denominator is clamped to at least 1,
+    so a sequence with an all-zero mask contributes 0 rather than ``NaN``.
+
+    Args:
+        logp: Current-policy log-probs of the completion tokens, ``[B, T]``, requires grad.
+        old_logp: Log-probs under the policy that generated the samples, ``[B, T]``; None when each
+            batch is used for a single update, in which case ``logp.detach()`` is used: the ratio is
+            exactly 1 and the gradient is ``A * grad(logp)``.
+        ref_logp: Reference-policy log-probs, ``[B, T]``, or None for no KL term.
+        advantages: One advantage per sequence, ``[B]``, broadcast over its tokens.
+        mask: ``[B, T]``, 1 (or True) for real completion tokens, 0 for padding.
+        beta: KL coefficient; 0 disables the KL term in the loss.
+        clip_low: Lower clip range: the ratio is clipped below at ``1 - clip_low``.
+        clip_high: Upper clip range: the ratio is clipped above at ``1 + clip_high``
+            (DAPO's "clip-higher" uses ``clip_high > clip_low``).
+        loss_type: One of ``"grpo"``, ``"dr_grpo"``, ``"dapo"``.
+        max_completion_length: Generation budget in tokens; required for ``"dr_grpo"``.
+
+    Returns:
+        A :class:`LossOutput`. Metrics: ``loss/policy`` (the surrogate alone, same reduction),
+        ``loss/kl`` (masked token mean of k3; present only when ``ref_logp`` is given, even if
+        ``beta == 0``), ``grpo/clip_fraction``, ``grpo/clip_low_fraction``,
+        ``grpo/clip_high_fraction`` (shares of real tokens where the clipped branch is the active
+        one), ``grpo/ratio_mean`` (masked token mean) and ``completion/length_mean``.
+
+    Raises:
+        ValueError: On an unknown ``loss_type``, mismatched shapes, out-of-range hyper-parameters,
+            or ``"dr_grpo"`` without ``max_completion_length``.
+    """
+    _check_inputs(
+        logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
+        max_completion_length,
+    )  # fmt: skip
+    normalise = _NORMALISERS[loss_type]
+    real = mask.bool()  # [B, T]
+    mask_f = real.to(logp.dtype)  # [B, T]
+    zeros = torch.zeros_like(logp)  # [B, T]
+
+    old = logp.detach() if old_logp is None else old_logp
+    log_ratio = torch.where(real, logp - old, zeros)  # [B, T], 0 at padding => ratio 1 there
+    ratio = torch.exp(log_ratio)  # [B, T]
+    adv = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]
+
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [B, T]
+    # The clipped term is strictly the smaller one exactly in these two cases; naming them gives
+    # the metrics and an explicit min() with no tie-splitting of the gradient.
+    high_clipped = (ratio > 1.0 + clip_high) & (adv > 0) & real  # [B, T]
+    low_clipped = (ratio < 1.0 - clip_low) & (adv < 0) & real  # [B, T]
+    is_clipped = high_clipped | low_clipped  # [B, T]
+    policy_per_token = torch.where(real, -torch.where(is_clipped, clipped, unclipped), zeros)  # [B, T]
+
+    per_token = policy_per_token
+    kl_per_token: Tensor | None = None
+    if ref_logp is not None:
+        # Both inputs are zeroed at padding before the exp, so k3 is exactly 0 there.
+        kl_per_token = k3_kl(torch.where(real, logp, zeros), torch.where(real, ref_logp, zeros))  # [B, T]
+        if beta != 0:
+            per_token = per_token + beta * kl_per_token
+
+    loss = normalise(per_token, mask_f, max_completion_length)
+
+    with torch.no_grad():
+        n_tokens = mask_f.sum().clamp(min=1)
+        policy_loss = loss if per_token is policy_per_token else normalise(
+            policy_per_token, mask_f, max_completion_length
+        )
+        metrics = {
+            "loss/policy": policy_loss.item(),
+            "grpo/clip_fraction": (is_clipped.sum() / n_tokens).item(),
+            "grpo/clip_low_fraction": (low_clipped.sum() / n_tokens).item(),
+            "grpo/clip_high_fraction": (high_clipped.sum() / n_tokens).item(),
+            "grpo/ratio_mean": ((ratio * mask_f).sum() / n_tokens).item(),
+            "completion/length_mean": mask_f.sum(dim=1).mean().item(),
+        }
+        if kl_per_token is not None:
+            metrics["loss/kl"] = ((kl_per_token * mask_f).sum() / n_tokens).item()
+    return LossOutput(loss=loss, metrics=metrics)

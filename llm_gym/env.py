@@ -1,0 +1,193 @@
+"""The single-problem Gymnasium environment shared by every task."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from gymnasium import spaces
+
+from llm_gym.problems import ProblemSet, load_hf_dataset
+from llm_gym.rubric import Rubric
+from llm_gym.spaces import messages_space, text_space
+from llm_gym.task import Task
+from llm_gym.template import ConversationTemplate
+
+__all__ = ["ReasoningEnv", "build_problems"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_problems(
+    task: Task,
+    *,
+    dataset: Any = None,
+    split: str = "train",
+    size: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    **knobs: Any,
+) -> ProblemSet:
+    """The problems of one split of a task, from its generator or from data.
+
+    Args:
+        task: The task.
+        dataset: ``None`` for the task's generator; a ``datasets.Dataset`` (used as given), a
+            ``DatasetDict`` (``split`` is taken), or a hub id / local folder loaded through
+            ``datasets``. A loaded dataset without the asked split (the Countdown hub dataset has
+            only ``train``) is split by problem hash, so train and test never share a problem.
+        split: ``"train"`` or ``"test"``.
+        size: Number of problems; default 1000 generated, or every row of the data.
+        seed: Seed of the generated problems.
+        test_fraction: Share of the problem space held out as the test split.
+        **knobs: The task's generator knobs (its config fields).
+
+    Returns:
+        The problem set.
+    """
+    if dataset is None:
+        config = task.make_config(**knobs)
+        return ProblemSet.generated(
+            task, config, split=split, size=1000 if size is None else size, seed=seed, test_fraction=test_fraction
+        )
+    task.make_config(**knobs)  # still reject unknown knobs
+    if isinstance(dataset, (str, Path)):
+        dataset = _load_split(task, dataset, split, test_fraction)
+    return ProblemSet.from_dataset(task, dataset, split=split, size=size)
+
+
+def _load_split(task: Task, name: str | Path, split: str, test_fraction: float) -> Any:
+    from llm_gym.problems import problem_key, split_of
+
+    try:
+        return load_hf_dataset(name, split)
+    except ValueError:
+        if split != "test":
+            raise
+    logger.info("%s has no %r split: holding out %.0f%% of train by problem hash", name, split, 100 * test_fraction)
+    data = load_hf_dataset(name, "train")
+    return data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
+
+
+class ReasoningEnv(gym.Env):
+    """One reasoning problem per episode.
+
+    ## Description
+    ``reset`` draws a problem of the task and shows it as a conversation; ``step`` takes the
+    model's completion (the text after the prompt), scores it with the task's rubric and ends
+    the episode. Multi-turn tasks reuse this env with more steps.
+
+    ## Observation
+    A dict: ``messages``, a tuple of ``{"role", "content"}`` dicts (the last one is the assistant
+    prefill when the template has one), and ``prompt``, the text rendered by the tokenizer's chat
+    template, present only when a ``tokenizer`` is given. After ``step`` the messages end with the
+    whole assistant turn (prefill + completion).
+
+    ## Action
+    The completion text (a ``gymnasium.spaces.Text``).
+
+    ## Rewards
+    The rubric's weighted total as a python ``float``; every part is in ``info["rewards"]``.
+
+    ## Episode End
+    Terminates after one step; never truncates.
+
+    ## Arguments
+    ``task`` (set by registration), ``dataset``, ``split``, ``size``, ``seed`` and the task's knobs
+    (see :func:`build_problems`); ``tokenizer``; ``template`` and ``rubric`` to override the
+    task's; ``max_prompt_chars`` and ``max_completion_chars`` size the spaces; ``render_mode``
+    ``"ansi"`` renders the conversation as text.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        dataset: Any = None,
+        split: str = "train",
+        size: int | None = None,
+        seed: int = 0,
+        tokenizer: Any = None,
+        template: ConversationTemplate | list[dict[str, str]] | None = None,
+        rubric: Rubric | None = None,
+        max_prompt_chars: int = 16_384,
+        max_completion_chars: int = 16_384,
+        render_mode: str | None = None,
+        **knobs: Any,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.task = task
+        self.problems = build_problems(task, dataset=dataset, split=split, size=size, seed=seed, **knobs)
+        self.template = task.template if template is None else ConversationTemplate(template)
+        self.template.validate_columns(task.problem_columns)
+        self.rubric = task.rubric if rubric is None else rubric
+        self.tokenizer = tokenizer
+        self.render_mode = render_mode
+        obs = {"messages": messages_space(max_prompt_chars + max_completion_chars)}
+        if tokenizer is not None:
+            obs["prompt"] = text_space(2 * (max_prompt_chars + max_completion_chars))
+        self.observation_space = spaces.Dict(obs)
+        self.action_space = text_space(max_completion_chars)
+        self._problem: dict[str, Any] | None = None
+        self._index = -1
+        self._obs: dict[str, Any] | None = None
+
+    def _observe(self, messages: list[dict[str, str]], completion: str | None = None) -> dict[str, Any]:
+        obs: dict[str, Any] = {"messages": tuple(dict(m) for m in messages)}
+        if self.tokenizer is not None:
+            assert self._problem is not None
+            obs["prompt"] = self.template.render_text(self._problem, self.tokenizer) + (completion or "")
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """Draw a problem (``options={"index": i}`` picks problem ``i``) and show it."""
+        super().reset(seed=seed)
+        if options and "index" in options:
+            self._index = int(options["index"]) % len(self.problems)
+        else:
+            self._index = int(self.np_random.integers(len(self.problems)))
+        self._problem = self.problems[self._index]
+        self._obs = self._observe(self.template.render(self._problem))
+        return self._obs, {"problem_index": self._index}
+
+    def step(self, action: str) -> tuple[dict, float, bool, bool, dict]:
+        """Score the completion and end the episode.
+
+        Raises:
+            RuntimeError: if called before ``reset``.
+            TypeError: if the action is not a string.
+        """
+        if self._problem is None:
+            raise RuntimeError("call reset() before step()")
+        if not isinstance(action, str):
+            raise TypeError(f"the action is the completion text (str), got {type(action).__name__}")
+        prefill = self.template.prefill
+        score = self.rubric.score(action, self._problem, prefill)
+        messages = self.template.render(self._problem)
+        if prefill:
+            messages[-1] = {"role": "assistant", "content": prefill + action}
+        else:
+            messages.append({"role": "assistant", "content": action})
+        self._obs = self._observe(messages, action)
+        info = {
+            **{c: self._problem[c] for c in self.task.columns},
+            "rewards": dict(score.parts),
+            "reward_errors": dict(score.errors),
+            "correct": bool(score.parts.get(self.task.correct_part, 0.0) >= 1.0),
+            "problem_index": self._index,
+        }
+        return self._obs, float(score.total), True, False, info
+
+    def render(self) -> str | None:
+        """The conversation as text (``render_mode="ansi"``)."""
+        if self.render_mode != "ansi" or self._obs is None:
+            return None
+        return "\n".join(f"[{m['role']}] {m['content']}" for m in self._obs["messages"])

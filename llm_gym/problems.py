@@ -1,0 +1,180 @@
+"""Problem sets: a task's problems from its generator or from a Hugging Face dataset.
+
+Generated splits are disjoint by construction: a problem belongs to the test split when a stable
+hash of its content falls in the test share, so no seed or size can make a training problem
+appear among the held-out ones. Generated problems are made lazily and cached, so an env of
+``size=100_000`` costs nothing until its problems are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from llm_gym.task import Task
+
+__all__ = ["ProblemSet", "load_hf_dataset", "split_of", "SPLITS"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+_SPLIT_SALT = {"train": 0, "test": 1}
+_MAX_REJECTIONS = 10_000
+
+
+def problem_key(problem: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """A canonical text form of a problem's columns (numpy values made plain)."""
+
+    def plain(v: Any) -> Any:
+        return v.tolist() if hasattr(v, "tolist") else v
+
+    return json.dumps({c: plain(problem[c]) for c in columns}, sort_keys=True, default=str)
+
+
+def split_of(key: str, test_fraction: float) -> str:
+    """The split a problem belongs to, from a stable hash of its key.
+
+    Args:
+        key: The problem's canonical text form.
+        test_fraction: Share of the problem space held out for testing.
+
+    Returns:
+        ``"train"`` or ``"test"``.
+    """
+    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000
+    return "test" if bucket < test_fraction * 10_000 else "train"
+
+
+def load_hf_dataset(name_or_path: str | Path, split: str = "train") -> Any:
+    """Load a dataset through ``datasets``: a hub id, a local data folder, or a ``save_to_disk`` folder.
+
+    Args:
+        name_or_path: ``"Jiayi-Pan/Countdown-Tasks-3to4"``, a folder of parquet/json/csv files, or a
+            folder written by ``Dataset.save_to_disk``.
+        split: The split to take.
+
+    Returns:
+        A ``datasets.Dataset``.
+
+    Raises:
+        ValueError: if the split is missing, naming the available splits.
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+    else:
+        loaded = datasets.load_dataset(str(name_or_path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"dataset {name_or_path} has no split {split!r}; splits: {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+class ProblemSet(Sequence):
+    """An indexable, finite set of problems of one task and one split.
+
+    Build one with :meth:`generated` or :meth:`from_dataset`.
+    """
+
+    def __init__(self, task: Task, size: int, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if size <= 0:
+            raise ValueError(f"a problem set needs at least one problem; got size={size}")
+        self.task = task
+        self.split = split
+        self._size = size
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._rows: Any = None
+        self._config: Any = None
+        self._seed = 0
+        self._test_fraction = 0.2
+
+    @classmethod
+    def generated(
+        cls, task: Task, config: Any, *, split: str = "train", size: int = 1000, seed: int = 0,
+        test_fraction: float = 0.2,
+    ) -> ProblemSet:
+        """Problems drawn from the task's generator.
+
+        Problem ``i`` is drawn from ``np.random.default_rng([seed, split, i])``, redrawn until its hash
+        lands in ``split``: the same ``(seed, split, i)`` always gives the same problem.
+
+        Raises:
+            ValueError: if the task has no generator.
+        """
+        if task.generate is None:
+            raise ValueError(f"{task.env_id} has no generator: pass dataset=<datasets.Dataset>")
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        problems = cls(task, size, split)
+        problems._config, problems._seed, problems._test_fraction = config, seed, test_fraction
+        return problems
+
+    @classmethod
+    def from_dataset(cls, task: Task, dataset: Any, *, split: str = "train", size: int | None = None) -> ProblemSet:
+        """Problems from a ``datasets.Dataset`` (or ``DatasetDict``, of which ``split`` is taken).
+
+        ``size`` keeps the first ``size`` rows (all rows when ``None``).
+
+        Raises:
+            KeyError: if a column of the task is missing, naming the dataset's columns.
+            ValueError: if the dataset is empty.
+        """
+        if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):
+            if split not in dataset:
+                raise ValueError(f"dataset has no split {split!r}; splits: {sorted(dataset.keys())}")
+            dataset = dataset[split]
+        columns = list(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
+        missing = [c for c in task.columns if c not in columns]
+        if missing:
+            raise KeyError(
+                f"{task.env_id} needs column {missing[0]!r}; the dataset has columns {sorted(columns)}. "
+                f"Rename columns to the task's schema {list(task.columns)} (Dataset.rename_column)"
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"the dataset given to {task.env_id} is empty")
+        problems = cls(task, len(dataset) if size is None else min(size, len(dataset)), split)
+        problems._rows = dataset
+        return problems
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -self._size <= index < self._size:
+            raise IndexError(f"problem {index} out of range for a set of {self._size}")
+        index %= self._size
+        if index not in self._cache:
+            self._cache[index] = self._make(index)
+        return dict(self._cache[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(self._size):
+            yield self[i]
+
+    def _make(self, index: int) -> dict[str, Any]:
+        if self._rows is not None:
+            return self.task.to_problem(self._rows[index])
+        rng = np.random.default_rng([self._seed, _SPLIT_SALT[self.split], index])
+        for _ in range(_MAX_REJECTIONS):
+            problem = self.task.to_problem(self.task.generate(rng, self._config))
+            if split_of(problem_key(problem, self.task.columns), self._test_fraction) == self.split:
+                return problem
+        raise RuntimeError(f"{self.task.env_id}: no {self.split} problem in {_MAX_REJECTIONS} draws")
+
+    def to_dataset(self) -> Any:
+        """All problems as a ``datasets.Dataset`` (task columns only)."""
+        import datasets
+
+        return datasets.Dataset.from_list([{c: p[c] for c in self.task.columns} for p in self])

@@ -1,0 +1,332 @@
+"""``ReasoningGym``: a batched environment that feeds tokenized prompts to LLM agents.
+
+Keeps the constructor of AgileRL's ``ReasoningGym`` (seed 001), so a script written for it runs
+with only its imports changed. ``reset()`` returns a batch of prompts; ``step(completions)``
+scores what the agent generated for them and returns the next batch with the rewards.
+
+Answers can never cross splits: every issued batch keeps its own problems, per split, and
+``step`` scores against the batch issued in the current mode (AgileRL scored training
+completions against test answers after an evaluation: its issue #591).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_gym.rubric import Rubric, Score
+from llm_gym.template import ConversationTemplate, TemplateError
+
+__all__ = ["ReasoningGym", "Prompt"]
+
+logger = logging.getLogger(__name__)
+
+Prompt = dict[str, Any]  # {"input_ids": LongTensor[1, L], "attention_mask": LongTensor[1, L], "text": str | None}
+
+
+def _rows(data: Any, name: str) -> list[dict[str, Any]]:
+    if data is None:
+        raise ValueError(f"{name} is required")
+    rows = data.to_list() if hasattr(data, "to_list") else [dict(r) for r in data]
+    if not rows:
+        raise ValueError(f"{name} is empty: give at least one problem")
+    return rows
+
+
+class ReasoningGym:
+    """Batched prompts from a train and a test dataset, scored by a reward function.
+
+    Args:
+        train_dataset: Training problems: a ``datasets.Dataset`` or a sequence of dicts.
+        test_dataset: Held-out problems, never used for training rewards.
+        tokenizer: A Hugging Face tokenizer with a chat template.
+        reward_fn: A :class:`~llm_gym.rubric.Rubric`, or a plain callable
+            ``fn(completion, answer, question) -> float`` (seed 001), wrapped into a one-part rubric.
+        conversation_template: Role/content messages with ``{column}`` placeholders; a final
+            assistant message is a prefill the model continues.
+        data_batch_size_per_gpu: Prompts per batch.
+        accelerator: An ``accelerate.Accelerator``; with several processes each one takes its
+            own shard of the data.
+        return_raw_completions: Also return each prompt's text (``prompt["text"]``), as the
+            vLLM backend needs.
+        max_context_length: Drop problems whose *templated* prompt is longer (in tokens), with a
+            warning saying how many.
+        seed: Seed of the per-epoch shuffling of the training problems.
+        correct_part: Name of the rubric part that means "right answer" (for accuracy metrics).
+
+    Raises:
+        ValueError: empty data, bad batch size, or every problem filtered out.
+        TemplateError: a placeholder names a column the data lacks.
+    """
+
+    def __init__(
+        self,
+        train_dataset: Any,
+        test_dataset: Any,
+        tokenizer: Any,
+        reward_fn: Rubric | Callable[..., float],
+        conversation_template: Sequence[Mapping[str, str]] | ConversationTemplate,
+        data_batch_size_per_gpu: int = 8,
+        accelerator: Any = None,
+        return_raw_completions: bool = False,
+        max_context_length: int | None = None,
+        seed: int = 42,
+        correct_part: str | None = None,
+    ) -> None:
+        if data_batch_size_per_gpu < 1:
+            raise ValueError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}")
+        self.tokenizer = tokenizer
+        self.template = ConversationTemplate(conversation_template)
+        self.rubric = Rubric.from_callable(reward_fn)
+        self.correct_part = correct_part
+        self.batch_size = data_batch_size_per_gpu
+        self.accelerator = accelerator
+        self.return_raw_completions = return_raw_completions
+        self.max_context_length = max_context_length
+        self.seed = seed
+        self._data = {
+            "train": self._prepare(_rows(train_dataset, "train_dataset"), "train"),
+            "test": self._prepare(_rows(test_dataset, "test_dataset"), "test"),
+        }
+        self.evaluation_mode = False
+        self.num_epochs = 0
+        self._position = {"train": 0, "test": 0}
+        self._pending: dict[str, list[int] | None] = {"train": None, "test": None}
+        self.last_scores: list[list[Score]] = []
+
+    # ---------------------------------------------------------------- data
+    def _prepare(self, rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
+        columns = list(rows[0])
+        try:
+            self.template.validate_columns(columns)
+        except TemplateError as err:
+            raise TemplateError(f"{split}_dataset: {err}") from None
+        if isinstance(self.rubric.funcs[0], type) is False and type(self.rubric.funcs[0]).__name__ == "_LegacyReward":
+            missing = {"question", "answer"} - set(columns)
+            if missing:
+                raise ValueError(
+                    f"{split}_dataset needs columns 'question' and 'answer' for a reward_fn(completion, answer, "
+                    f"question); it has {sorted(columns)}. Rename columns or pass a Rubric"
+                )
+        if self.accelerator is not None and getattr(self.accelerator, "num_processes", 1) > 1:
+            rows = rows[self.accelerator.process_index :: self.accelerator.num_processes]
+        texts = [self.template.render_text(row, self.tokenizer) for row in rows]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        keep = list(range(len(rows)))
+        if self.max_context_length is not None:
+            keep = [i for i in keep if len(ids[i]) <= self.max_context_length]
+            dropped = len(rows) - len(keep)
+            if dropped:
+                warnings.warn(
+                    f"{split}: {dropped} of {len(rows)} problems have templated prompts longer than "
+                    f"max_context_length={self.max_context_length} tokens and were dropped",
+                    stacklevel=3,
+                )
+            if not keep:
+                raise ValueError(
+                    f"{split}: every prompt is longer than max_context_length={self.max_context_length}; "
+                    f"the shortest is {min(len(x) for x in ids)} tokens"
+                )
+        return {"rows": [rows[i] for i in keep], "texts": [texts[i] for i in keep], "ids": [ids[i] for i in keep]}
+
+    def __len__(self) -> int:
+        """Number of training problems."""
+        return len(self._data["train"]["rows"])
+
+    @property
+    def split(self) -> str:
+        """``"test"`` inside :meth:`eval_mode`, else ``"train"``."""
+        return "test" if self.evaluation_mode else "train"
+
+    def _order(self, split: str) -> np.ndarray:
+        n = len(self._data[split]["rows"])
+        if split == "test":
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.num_epochs]).permutation(n)
+
+    def _next_indices(self) -> list[int]:
+        split = self.split
+        n = len(self._data[split]["rows"])
+        pos = self._position[split]
+        if pos >= n:  # end of the data: a new epoch (training) or back to the start (test)
+            if split == "train":
+                self.num_epochs += 1
+            pos = 0
+        order = self._order(split)
+        batch = order[pos : pos + self.batch_size].tolist()
+        self._position[split] = pos + len(batch)
+        return batch
+
+    def _prompts(self, indices: list[int]) -> list[Prompt]:
+        data = self._data[self.split]
+        prompts = []
+        for i in indices:
+            ids = torch.tensor([data["ids"][i]], dtype=torch.long)  # [1, L]
+            prompts.append({
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "text": data["texts"][i] if self.return_raw_completions else None,
+            })
+        return prompts
+
+    def _issue_batch(self) -> list[Prompt]:
+        indices = self._next_indices()
+        self._pending[self.split] = indices
+        return self._prompts(indices)
+
+    # ----------------------------------------------------------------- API
+    def reset(self, reset_dataloaders: bool = False) -> list[Prompt]:
+        """The next batch of prompts of the current split.
+
+        Args:
+            reset_dataloaders: Start the current split over from its first problem.
+
+        Returns:
+            One dict per prompt: ``input_ids`` and ``attention_mask`` of shape ``[1, L]``, and
+            ``text`` (the prompt string when ``return_raw_completions``, else ``None``).
+        """
+        if reset_dataloaders:
+            self._position[self.split] = 0
+        return self._issue_batch()
+
+    def step(self, completions: Sequence[Any]) -> tuple[list[Prompt], torch.Tensor]:
+        """Score the completions of the last batch and return the next batch.
+
+        Args:
+            completions: One entry per prompt of the last batch, either a tensor of token ids of
+                shape ``[group_size, prompt_len + completion_len]`` (the prompt followed by the
+                completion, AgileRL's format) or a list of ``group_size`` completion strings.
+
+        Returns:
+            ``(next_prompts, rewards)`` with rewards of shape ``[num_prompts, group_size]``.
+
+        Raises:
+            RuntimeError: if no batch is pending in the current split (call ``reset`` first).
+            ValueError: if the number of entries or group sizes do not match.
+        """
+        rewards = self.score(completions)
+        return self._issue_batch(), rewards
+
+    def score(self, completions: Sequence[Any]) -> torch.Tensor:
+        """Score completions of the pending batch without drawing a new one (see :meth:`step`)."""
+        split = self.split
+        indices = self._pending[split]
+        if indices is None:
+            raise RuntimeError(f"no {split} batch is pending: call reset() before step()")
+        if len(completions) != len(indices):
+            raise ValueError(f"got completions for {len(completions)} prompts; the batch has {len(indices)}")
+        data = self._data[split]
+        texts = [self._decode(c, len(data["ids"][i])) for c, i in zip(completions, indices, strict=True)]
+        group = {len(t) for t in texts}
+        if len(group) != 1 or 0 in group:
+            raise ValueError(f"every prompt needs the same, non-zero number of completions; got {sorted(group)}")
+        prefill = self.template.prefill
+        self.last_scores = [
+            [self.rubric.score(text, data["rows"][i], prefill) for text in group_texts]
+            for group_texts, i in zip(texts, indices, strict=True)
+        ]
+        self._pending[split] = None
+        return torch.tensor([[s.total for s in row] for row in self.last_scores], dtype=torch.float32)
+
+    def _decode(self, completion: Any, prompt_len: int) -> list[str]:
+        if isinstance(completion, torch.Tensor):
+            if completion.dim() != 2:
+                raise ValueError(f"a completion tensor must be [group_size, seq_len], got {tuple(completion.shape)}")
+            return self.tokenizer.batch_decode(completion[:, prompt_len:], skip_special_tokens=True)
+        if isinstance(completion, str):
+            raise ValueError("give a list of completion strings per prompt, not one string")
+        return [str(c) for c in completion]
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Serve the test split inside the ``with`` block, then restore the previous mode."""
+        previous = self.evaluation_mode
+        self.evaluation_mode = True
+        try:
+            yield
+        finally:
+            self.evaluation_mode = previous
+
+    def last_metrics(self) -> dict[str, float]:
+        """Mean total and per-part rewards of the last scored batch (``reward/<part>``)."""
+        flat = [s for row in self.last_scores for s in row]
+        if not flat:
+            return {}
+        metrics = {"reward/total": float(np.mean([s.total for s in flat]))}
+        for name in self.rubric.names:
+            metrics[f"reward/{name}"] = float(np.mean([s.parts[name] for s in flat]))
+        if self.correct_part is not None:
+            metrics["accuracy"] = float(np.mean([s.parts[self.correct_part] >= 1.0 for s in flat]))
+        metrics["reward/failures"] = float(sum(len(s.errors) for s in flat))
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position and epoch, to resume a run where it stopped."""
+        return {"num_epochs": self.num_epochs, "position": dict(self._position), "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the pending batches are not restored: call ``reset``)."""
+        self.num_epochs = int(state["num_epochs"])
+        self._position = {k: int(v) for k, v in state["position"].items()}
+        self.seed = int(state["seed"])
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_task(
+        cls,
+        env_id: str,
+        tokenizer: Any,
+        *,
+        train_size: int | None = 1000,
+        test_size: int | None = 100,
+        dataset: Any = None,
+        seed: int = 42,
+        data_batch_size_per_gpu: int = 8,
+        conversation_template: Sequence[Mapping[str, str]] | None = None,
+        reward_fn: Rubric | Callable[..., float] | None = None,
+        **kwargs: Any,
+    ) -> ReasoningGym:
+        """A ReasoningGym over a registered task: its problems, template and rubric.
+
+        Args:
+            env_id: A registered id such as ``"llm_gym/Countdown-v0"``.
+            tokenizer: A tokenizer with a chat template.
+            train_size: Training problems (``None``: all rows of ``dataset``).
+            test_size: Held-out problems (``None``: all rows).
+            dataset: ``None`` for the task's generator, else data as for ``gym.make(..., dataset=...)``.
+            seed: Seed of the generated problems and of the shuffling.
+            data_batch_size_per_gpu: Prompts per batch.
+            conversation_template: Overrides the task's template.
+            reward_fn: Overrides the task's rubric.
+            **kwargs: The task's knobs, plus ``max_context_length``, ``return_raw_completions``,
+                ``accelerator``.
+
+        Returns:
+            The environment.
+        """
+        from llm_gym.env import build_problems
+        from llm_gym.registry import get_task
+
+        task = get_task(env_id)
+        own = {k: kwargs.pop(k) for k in ("max_context_length", "return_raw_completions", "accelerator") if k in kwargs}
+        train = build_problems(task, dataset=dataset, split="train", size=train_size, seed=seed, **kwargs)
+        test = build_problems(task, dataset=dataset, split="test", size=test_size, seed=seed, **kwargs)
+        gym = cls(
+            train_dataset=list(train),
+            test_dataset=list(test),
+            tokenizer=tokenizer,
+            reward_fn=task.rubric if reward_fn is None else reward_fn,
+            conversation_template=task.template if conversation_template is None else conversation_template,
+            data_batch_size_per_gpu=data_batch_size_per_gpu,
+            seed=seed,
+            correct_part=task.correct_part if reward_fn is None else None,
+            **own,
+        )
+        gym.task = task
+        return gym

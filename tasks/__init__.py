@@ -1,0 +1,5 @@
+"""Built-in tasks, one module each; importing this package registers them all."""
+
+from llm_gym.tasks import countdown, subtraction  # noqa: F401
+
+__all__ = ["countdown", "subtraction"]
