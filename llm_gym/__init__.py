@@ -4,6 +4,8 @@
 torch and transformers are imported only by the parts that need them.
 """
 
+from typing import Any
+
 from llm_gym.env import ReasoningEnv
 from llm_gym.registry import get_task, list_envs, register_task
 from llm_gym.rubric import Rubric, Score
@@ -26,7 +28,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # ReasoningGym pulls in torch: import it on first use only
+def __getattr__(name: str) -> Any:  # ReasoningGym pulls in torch: import it on first use only
+    """Import :class:`~llm_gym.reasoning_gym.ReasoningGym` (and torch) on first access only."""
     if name == "ReasoningGym":
         from llm_gym.reasoning_gym import ReasoningGym
 

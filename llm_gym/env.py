@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
 
-from llm_gym.problems import ProblemSet, load_hf_dataset
+from llm_gym.problems import ProblemSet, load_hf_dataset, problem_key, split_of
 from llm_gym.rubric import Rubric
 from llm_gym.spaces import messages_space, text_space
 from llm_gym.task import Task
@@ -34,10 +35,12 @@ def build_problems(
 
     Args:
         task: The task.
-        dataset: ``None`` for the task's generator; a ``datasets.Dataset`` (used as given), a
-            ``DatasetDict`` (``split`` is taken), or a hub id / local folder loaded through
-            ``datasets``. A loaded dataset without the asked split (the Countdown hub dataset has
-            only ``train``) is split by problem hash, so train and test never share a problem.
+        dataset: ``None`` for the task's generator; else a ``datasets.DatasetDict``, a
+            ``datasets.Dataset``, or a hub id / local folder loaded through ``datasets``. Data with
+            a ``test`` split gives its ``split``. Data without one (a single ``Dataset``, or the
+            Countdown hub dataset, which has only ``train``) is split by a hash of each problem:
+            ``test_fraction`` of the problems are the test split, the rest the train split, so
+            train and test never share a problem.
         split: ``"train"`` or ``"test"``.
         size: Number of problems; default 1000 generated, or every row of the data.
         seed: Seed of the generated problems.
@@ -54,21 +57,29 @@ def build_problems(
         )
     task.make_config(**knobs)  # still reject unknown knobs
     if isinstance(dataset, (str, Path)):
-        dataset = _load_split(task, dataset, split, test_fraction)
-    return ProblemSet.from_dataset(task, dataset, split=split, size=size)
+        dataset = load_hf_dataset(dataset, split=None)
+    return ProblemSet.from_dataset(task, _take_split(task, dataset, split, test_fraction), split=split, size=size)
 
 
-def _load_split(task: Task, name: str | Path, split: str, test_fraction: float) -> Any:
-    from llm_gym.problems import problem_key, split_of
-
-    try:
-        return load_hf_dataset(name, split)
-    except ValueError:
-        if split != "test":
-            raise
-    logger.info("%s has no %r split: holding out %.0f%% of train by problem hash", name, split, 100 * test_fraction)
-    data = load_hf_dataset(name, "train")
-    return data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
+def _take_split(task: Task, data: Any, split: str, test_fraction: float) -> Any:
+    """One split of ``data``: its own ``test``/``train`` when it has a test split, else a hash split."""
+    if isinstance(data, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
+        if "test" in data:
+            if split not in data:
+                raise ValueError(f"the dataset has no split {split!r}; splits: {sorted(data.keys())}")
+            return data[split]
+        if "train" not in data:
+            raise ValueError(f"the dataset needs a 'train' split (and optionally 'test'); splits: {sorted(data.keys())}")
+        data = data["train"]
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    columns = getattr(data, "column_names", None) or []
+    if columns and not set(task.columns) <= set(columns):
+        return data  # ProblemSet.from_dataset reports the missing column
+    logger.info("data has no test split: holding out %.0f%% of its problems by hash as the test split", 100 * test_fraction)
+    if hasattr(data, "filter"):
+        return data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
+    return [row for row in data if split_of(problem_key(row, task.columns), test_fraction) == split]
 
 
 class ReasoningEnv(gym.Env):
@@ -96,15 +107,15 @@ class ReasoningEnv(gym.Env):
 
     ## Arguments
     ``task`` (set by registration), ``dataset``, ``split``, ``size``, ``seed`` and the task's knobs
-    (see :func:`build_problems`); ``tokenizer``; ``template`` and ``rubric`` to override the
-    task's; ``max_prompt_chars`` and ``max_completion_chars`` size the spaces; ``render_mode``
-    ``"ansi"`` renders the conversation as text.
+    (see :func:`build_problems`); ``tokenizer``; ``template`` and ``rubric`` (a :class:`Rubric` or
+    one reward callable) to override the task's; ``max_prompt_chars`` and ``max_completion_chars``
+    size the spaces; ``render_mode`` ``"ansi"`` renders the conversation as text.
 
     ## Version History
     * v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # render_fps: Gymnasium warns when it is missing
 
     def __init__(
         self,
@@ -116,7 +127,7 @@ class ReasoningEnv(gym.Env):
         seed: int = 0,
         tokenizer: Any = None,
         template: ConversationTemplate | list[dict[str, str]] | None = None,
-        rubric: Rubric | None = None,
+        rubric: Rubric | Callable[..., float] | None = None,
         max_prompt_chars: int = 16_384,
         max_completion_chars: int = 16_384,
         render_mode: str | None = None,
@@ -128,7 +139,7 @@ class ReasoningEnv(gym.Env):
         self.problems = build_problems(task, dataset=dataset, split=split, size=size, seed=seed, **knobs)
         self.template = task.template if template is None else ConversationTemplate(template)
         self.template.validate_columns(task.problem_columns)
-        self.rubric = task.rubric if rubric is None else rubric
+        self.rubric = task.rubric if rubric is None else Rubric.from_callable(rubric)
         self.tokenizer = tokenizer
         self.render_mode = render_mode
         obs = {"messages": messages_space(max_prompt_chars + max_completion_chars)}

@@ -52,16 +52,16 @@ def split_of(key: str, test_fraction: float) -> str:
     return "test" if bucket < test_fraction * 10_000 else "train"
 
 
-def load_hf_dataset(name_or_path: str | Path, split: str = "train") -> Any:
+def load_hf_dataset(name_or_path: str | Path, split: str | None = "train") -> Any:
     """Load a dataset through ``datasets``: a hub id, a local data folder, or a ``save_to_disk`` folder.
 
     Args:
         name_or_path: ``"Jiayi-Pan/Countdown-Tasks-3to4"``, a folder of parquet/json/csv files, or a
             folder written by ``Dataset.save_to_disk``.
-        split: The split to take.
+        split: The split to take; ``None`` returns what was loaded (a ``Dataset`` or ``DatasetDict``).
 
     Returns:
-        A ``datasets.Dataset``.
+        A ``datasets.Dataset`` (or ``DatasetDict`` when ``split`` is ``None``).
 
     Raises:
         ValueError: if the split is missing, naming the available splits.
@@ -73,7 +73,7 @@ def load_hf_dataset(name_or_path: str | Path, split: str = "train") -> Any:
         loaded = datasets.load_from_disk(str(path))
     else:
         loaded = datasets.load_dataset(str(name_or_path))
-    if isinstance(loaded, datasets.DatasetDict):
+    if split is not None and isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"dataset {name_or_path} has no split {split!r}; splits: {sorted(loaded)}")
         return loaded[split]
@@ -131,7 +131,7 @@ class ProblemSet(Sequence):
             KeyError: if a column of the task is missing, naming the dataset's columns.
             ValueError: if the dataset is empty.
         """
-        if hasattr(dataset, "keys") and not hasattr(dataset, "column_names"):
+        if isinstance(dataset, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
             if split not in dataset:
                 raise ValueError(f"dataset has no split {split!r}; splits: {sorted(dataset.keys())}")
             dataset = dataset[split]

@@ -52,7 +52,7 @@ class ReasoningGym:
             assistant message is a prefill the model continues.
         data_batch_size_per_gpu: Prompts per batch.
         accelerator: An ``accelerate.Accelerator``; with several processes each one takes its
-            own shard of the data.
+            own shard of the data, all shards the same size (padded by wrapping around).
         return_raw_completions: Also return each prompt's text (``prompt["text"]``), as the
             vLLM backend needs.
         max_context_length: Drop problems whose *templated* prompt is longer (in tokens), with a
@@ -107,15 +107,13 @@ class ReasoningGym:
             self.template.validate_columns(columns)
         except TemplateError as err:
             raise TemplateError(f"{split}_dataset: {err}") from None
-        if isinstance(self.rubric.funcs[0], type) is False and type(self.rubric.funcs[0]).__name__ == "_LegacyReward":
+        if self.rubric.positional_parts:
             missing = {"question", "answer"} - set(columns)
             if missing:
                 raise ValueError(
                     f"{split}_dataset needs columns 'question' and 'answer' for a reward_fn(completion, answer, "
                     f"question); it has {sorted(columns)}. Rename columns or pass a Rubric"
                 )
-        if self.accelerator is not None and getattr(self.accelerator, "num_processes", 1) > 1:
-            rows = rows[self.accelerator.process_index :: self.accelerator.num_processes]
         texts = [self.template.render_text(row, self.tokenizer) for row in rows]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = list(range(len(rows)))
@@ -133,11 +131,63 @@ class ReasoningGym:
                     f"{split}: every prompt is longer than max_context_length={self.max_context_length}; "
                     f"the shortest is {min(len(x) for x in ids)} tokens"
                 )
+        keep = self._shard(keep)
         return {"rows": [rows[i] for i in keep], "texts": [texts[i] for i in keep], "ids": [ids[i] for i in keep]}
+
+    def _shard(self, indices: list[int]) -> list[int]:
+        """This process's share of ``indices``: every process gets the same count.
+
+        The list is padded by wrapping around to a multiple of the process count (as
+        ``DistributedSampler`` does), so all processes run the same number of batches and none
+        waits forever in a collective call. Filtering happens before, on every process alike.
+        """
+        world = int(getattr(self.accelerator, "num_processes", 1) or 1) if self.accelerator is not None else 1
+        if world <= 1:
+            return indices
+        rank = int(self.accelerator.process_index)
+        padded = indices + [indices[k % len(indices)] for k in range(-len(indices) % world)]
+        return padded[rank::world]
 
     def __len__(self) -> int:
         """Number of training problems."""
         return len(self._data["train"]["rows"])
+
+    def num_problems(self, split: str | None = None) -> int:
+        """Number of problems of ``split`` (default: the current one) on this process.
+
+        Args:
+            split: ``"train"``, ``"test"`` or ``None`` for the current split.
+
+        Returns:
+            The count after ``max_context_length`` filtering and accelerator sharding.
+        """
+        return len(self._data[self._check_split(split)]["rows"])
+
+    def num_batches(self, split: str | None = None) -> int:
+        """Batches that cover ``split`` exactly once; the last one may be partial.
+
+        An evaluation covers the test problems once, in a fixed order::
+
+            with env.eval_mode():
+                prompts = env.reset(reset_dataloaders=True)
+                for i in range(env.num_batches("test")):
+                    completions = agent.get_action(prompts)
+                    prompts, rewards = env.step(completions)
+
+        Args:
+            split: ``"train"``, ``"test"`` or ``None`` for the current split.
+
+        Returns:
+            ``ceil(num_problems / data_batch_size_per_gpu)``.
+        """
+        return -(-self.num_problems(split) // self.batch_size)
+
+    def _check_split(self, split: str | None) -> str:
+        if split is None:
+            return self.split
+        if split not in self._data:
+            raise ValueError(f"split must be 'train', 'test' or None (the current one), got {split!r}")
+        return split
 
     @property
     def split(self) -> str:
@@ -195,6 +245,17 @@ class ReasoningGym:
             self._position[self.split] = 0
         return self._issue_batch()
 
+    def pending_problems(self) -> list[dict[str, Any]]:
+        """The problems (data rows) of the pending batch of the current split, in prompt order.
+
+        Raises:
+            RuntimeError: if no batch is pending (call ``reset`` first).
+        """
+        indices = self._pending[self.split]
+        if indices is None:
+            raise RuntimeError(f"no {self.split} batch is pending: call reset() first")
+        return [dict(self._data[self.split]["rows"][i]) for i in indices]
+
     def step(self, completions: Sequence[Any]) -> tuple[list[Prompt], torch.Tensor]:
         """Score the completions of the last batch and return the next batch.
 
@@ -214,7 +275,11 @@ class ReasoningGym:
         return self._issue_batch(), rewards
 
     def score(self, completions: Sequence[Any]) -> torch.Tensor:
-        """Score completions of the pending batch without drawing a new one (see :meth:`step`)."""
+        """Score completions of the pending batch without drawing a new one (see :meth:`step`).
+
+        The pending batch stays pending, so several agents of a population can be scored on the
+        same prompts; :meth:`reset` (or :meth:`step`) then moves on to the next batch.
+        """
         split = self.split
         indices = self._pending[split]
         if indices is None:
@@ -222,7 +287,7 @@ class ReasoningGym:
         if len(completions) != len(indices):
             raise ValueError(f"got completions for {len(completions)} prompts; the batch has {len(indices)}")
         data = self._data[split]
-        texts = [self._decode(c, len(data["ids"][i])) for c, i in zip(completions, indices, strict=True)]
+        texts = [self._decode(c, data["ids"][i], k) for k, (c, i) in enumerate(zip(completions, indices, strict=True))]
         group = {len(t) for t in texts}
         if len(group) != 1 or 0 in group:
             raise ValueError(f"every prompt needs the same, non-zero number of completions; got {sorted(group)}")
@@ -231,13 +296,22 @@ class ReasoningGym:
             [self.rubric.score(text, data["rows"][i], prefill) for text in group_texts]
             for group_texts, i in zip(texts, indices, strict=True)
         ]
-        self._pending[split] = None
         return torch.tensor([[s.total for s in row] for row in self.last_scores], dtype=torch.float32)
 
-    def _decode(self, completion: Any, prompt_len: int) -> list[str]:
+    def _decode(self, completion: Any, prompt_ids: list[int], k: int) -> list[str]:
         if isinstance(completion, torch.Tensor):
             if completion.dim() != 2:
                 raise ValueError(f"a completion tensor must be [group_size, seq_len], got {tuple(completion.shape)}")
+            prompt_len = len(prompt_ids)
+            # The ids must start with this prompt: completions of another batch (e.g. of the test split
+            # after an evaluation, AgileRL #591) would otherwise be scored against the wrong answers.
+            expected = torch.tensor(prompt_ids, dtype=completion.dtype, device=completion.device)
+            if completion.shape[1] < prompt_len or not bool((completion[:, :prompt_len] == expected).all()):
+                raise ValueError(
+                    f"completion {k} does not start with prompt {k} of the pending {self.split} batch: give "
+                    "each prompt's own ids followed by its completion, [group_size, prompt_len + completion_len], "
+                    "in the order of the last reset()/step()"
+                )
             return self.tokenizer.batch_decode(completion[:, prompt_len:], skip_special_tokens=True)
         if isinstance(completion, str):
             raise ValueError("give a list of completion strings per prompt, not one string")

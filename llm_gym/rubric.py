@@ -6,13 +6,17 @@ A reward function is a plain module-level callable::
 
 It receives the completion (text generated after the prompt), the template's assistant
 ``prefill`` and every column of the problem as keywords (``nums=..., target=..., question=...,
-answer=...``). A :class:`Rubric` calls each function under a time limit; a function that raises
+answer=...``); a function without ``**kwargs`` gets only the keywords it names. A keyword-style
+function must take ``prefill`` or ``**kwargs``: that is how it is told from a seed-style one (below).
+A :class:`Rubric` calls each function under a time limit; a function that raises
 or runs past the limit scores ``0.0`` for that sample, the failure is counted per function and
 logged, and scoring goes on. Reward functions should catch only their own parse failures, so a
 bug shows up in :attr:`Rubric.failures` instead of looking like a bad policy.
 
-A seed-style callable ``fn(completion, answer, question) -> float`` (AgileRL's ``reward_fn``) is
-wrapped by :meth:`Rubric.from_callable`.
+A seed-style callable ``fn(completion, answer, question) -> float`` (AgileRL's ``reward_fn``: three
+positional parameters, no ``prefill`` and no ``**kwargs``) is accepted anywhere a reward function
+is, and is called positionally with the problem's ``answer`` and ``question`` (list values as
+numpy arrays, as AgileRL's tensors were). :meth:`Rubric.from_callable` wraps one callable.
 """
 
 from __future__ import annotations
@@ -52,14 +56,33 @@ class Score:
 
 
 def _positional_legacy(fn: Callable[..., Any]) -> bool:
-    """True when ``fn`` looks like AgileRL's ``fn(completion, answer, question)``."""
+    """True when ``fn`` looks like AgileRL's ``fn(completion, answer, question)``.
+
+    That is: at least three positional parameters, no ``**kwargs`` and no ``prefill`` parameter.
+    A keyword-convention function always takes ``prefill`` or ``**kwargs`` (the rubric passes
+    ``prefill=`` to every function), so the two conventions cannot be confused.
+    """
+    if isinstance(fn, _LegacyReward):
+        return False
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return True
+        return False
+    if any(p.kind == p.VAR_KEYWORD or p.name == "prefill" for p in params):
+        return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-    return len(positional) >= 3 and not has_var_kw
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names ``fn`` takes, or ``None`` when it takes ``**kwargs`` (it gets every column)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _as_array(value: Any) -> Any:
@@ -82,7 +105,7 @@ class Rubric:
     """Weighted reward functions with a per-call time limit.
 
     Args:
-        funcs: Reward functions (keyword convention, see the module docstring).
+        funcs: Reward functions (keyword convention or seed-style, see the module docstring).
         weights: One weight per function; default 1.0 each.
         names: One name per function; default each function's ``__name__``.
         timeout: Seconds each call may take; ``None`` for no limit.
@@ -114,19 +137,20 @@ class Rubric:
             raise ValueError(f"weights must be finite numbers, got {weights}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
-        self.funcs = list(funcs)
+        self.funcs = [_LegacyReward(f) if _positional_legacy(f) else f for f in funcs]
         self.weights = weights
         self.names = names
         self.timeout = timeout
         self.failures: Counter[str] = Counter()
         self.calls = 0
+        self._keywords = [_accepted_keywords(f) for f in self.funcs]
 
     @classmethod
     def from_callable(cls, fn: Callable[..., float], *, timeout: float | None = 5.0) -> Rubric:
         """Wrap one plain reward callable.
 
-        A callable with three positional parameters and no ``**kwargs`` is treated as seed
-        001's ``fn(completion, answer, question)``; list-valued answer/question columns reach it
+        A callable with three positional parameters, no ``prefill`` and no ``**kwargs`` is treated
+        as seed 001's ``fn(completion, answer, question)``; list-valued answer/question columns reach it
         as numpy arrays (as AgileRL's tensors did). Any other callable gets the keyword
         convention.
 
@@ -139,8 +163,15 @@ class Rubric:
         """
         if isinstance(fn, Rubric):
             return fn
-        wrapped = _LegacyReward(fn) if _positional_legacy(fn) else fn
-        return cls([wrapped], timeout=timeout)
+        return cls([fn], timeout=timeout)
+
+    @property
+    def positional_parts(self) -> tuple[str, ...]:
+        """Names of the parts that are seed-style ``fn(completion, answer, question)`` callables.
+
+        They need the problems to have ``answer`` and ``question`` columns (or aliases).
+        """
+        return tuple(n for n, f in zip(self.names, self.funcs, strict=True) if isinstance(f, _LegacyReward))
 
     @property
     def max_total(self) -> float:
@@ -161,9 +192,11 @@ class Rubric:
         parts: dict[str, float] = {}
         errors: dict[str, str] = {}
         self.calls += 1
-        for name, fn in zip(self.names, self.funcs, strict=True):
+        columns = {"prefill": prefill, **problem}
+        for name, fn, accepted in zip(self.names, self.funcs, self._keywords, strict=True):
+            kwargs = columns if accepted is None else {k: v for k, v in columns.items() if k in accepted}
             try:
-                value = float(call_with_timeout(fn, self.timeout, completion, prefill=prefill, **problem))
+                value = float(call_with_timeout(fn, self.timeout, completion, **kwargs))
                 if not math.isfinite(value):
                     raise ValueError(f"returned {value}")
             except CallTimeout:

@@ -1,14 +1,18 @@
 """Run a function with a time limit.
 
 In the main thread of a Unix process the call is interrupted by ``SIGALRM`` (a real interrupt:
-the function stops running). Elsewhere (worker threads, Windows) the call runs in a daemon
-thread that is abandoned when the limit passes: the caller goes on, the stuck thread is
-logged. :class:`CallTimeout` derives from ``BaseException`` so that a reward function's own
+the function stops running). Elsewhere (worker threads, Windows, or when an alarm is already
+armed by someone else, which is then left alone) the call runs in a daemon thread; when the limit
+passes the caller goes on at once and :class:`CallTimeout` is raised *inside* the stuck thread
+too, so a pure-python loop (busy or sleeping) ends at its next bytecode instead of burning a core
+for the rest of the process. Only a call blocked inside C code for good can outlive its limit; it
+is logged. :class:`CallTimeout` derives from ``BaseException`` so that a reward function's own
 ``except Exception:`` cannot swallow the interrupt.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -44,8 +48,20 @@ def _with_alarm(fn: Callable[..., T], timeout: float, args: tuple, kwargs: dict)
     try:
         return fn(*args, **kwargs)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        # Nested so that an alarm landing between the return and the disarm (it then raises
+        # right here) still restores the caller's handler.
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _interrupt(thread: threading.Thread) -> bool:
+    """Raise :class:`CallTimeout` in ``thread`` at its next bytecode; False if it is gone."""
+    if thread.ident is None:
+        return False
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CallTimeout))
+    return done == 1
 
 
 def _with_thread(fn: Callable[..., T], timeout: float, args: tuple, kwargs: dict) -> T:
@@ -54,14 +70,18 @@ def _with_thread(fn: Callable[..., T], timeout: float, args: tuple, kwargs: dict
     def target() -> None:
         try:
             box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller below
+        except BaseException as exc:  # handed to the caller below (a late CallTimeout just ends the thread)
             box["error"] = exc
 
     worker = threading.Thread(target=target, daemon=True, name=f"timeout:{getattr(fn, '__name__', fn)}")
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        logger.warning("%s still running after %.2fs: abandoned in a daemon thread", worker.name, timeout)
+        interrupted = _interrupt(worker)
+        logger.warning(
+            "%s still running after %.2fs: %s", worker.name, timeout,
+            "interrupted" if interrupted else "abandoned in a daemon thread",
+        )
         raise CallTimeout()
     if "error" in box:
         raise box["error"]
