@@ -1,0 +1,41 @@
+"""The documentation's code runs: every ```python block of a page, in order, as one script.
+
+Each page runs in a fresh interpreter (a tutorial registers its own environments; they must not leak into
+other tests). A block that starts with ``# skip-test`` is shown to readers but not run (for example one
+that needs a GPU or the network).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def page_script(page: Path) -> str:
+    """The runnable python blocks of a page, joined into one script."""
+    blocks = [b for b in BLOCK.findall(page.read_text()) if not b.startswith("# skip-test")]
+    return "\n".join(blocks)
+
+
+def test_docs_have_pages_with_code() -> None:
+    assert PAGES, f"no page with python code under {DOCS}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page: Path, tmp_path: Path) -> None:
+    script = tmp_path / "page.py"
+    script.write_text(page_script(page))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{page.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
