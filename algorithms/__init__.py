@@ -14,11 +14,18 @@ __all__ = [
     "GRPOHyperParams",
     "GenerationBackend",
     "HFGenerationBackend",
+    "HyperparameterConfig",
     "LOSS_TYPES",
+    "Mutations",
+    "RLParameter",
     "SamplingConfig",
+    "TournamentSelection",
     "VLLMConfig",
+    "create_population",
+    "finetune_llm_reasoning",
     "group_advantages",
     "grpo_loss",
+    "load_elite",
     "selective_log_softmax",
     "token_entropy",
 ]
@@ -35,6 +42,13 @@ _WHERE = {
     "grpo_loss": "loss",
     "selective_log_softmax": "loss",
     "token_entropy": "loss",
+    "HyperparameterConfig": "evolution",
+    "Mutations": "evolution",
+    "RLParameter": "evolution",
+    "TournamentSelection": "evolution",
+    "create_population": "population",
+    "finetune_llm_reasoning": "training",
+    "load_elite": "elites",
 }
 
 

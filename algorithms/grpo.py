@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,116 +35,17 @@ from llm_gym.algorithms.generation import (
     mini_batches,
     pack_completions,
 )
-from llm_gym.algorithms.loss import (
-    LOSS_TYPES,
-    group_advantages,
-    grpo_loss,
-    selective_log_softmax,
-    token_entropy,
+from llm_gym.algorithms.grpo_config import (
+    GRPOHyperParams,
+    clip_pair,
+    default_lora_config,
+    resolve_device,
 )
+from llm_gym.algorithms.loss import group_advantages, grpo_loss, selective_log_softmax, token_entropy
 
 __all__ = ["GRPO", "GRPOHyperParams"]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-AGENT_FILE = "llm_gym_agent.json"
-OPTIMIZER_FILE = "optimizer.pt"
-
-
-@dataclass(frozen=True)
-class GRPOHyperParams:
-    """Every hyper-parameter of one agent, in one place.
-
-    Frozen: change a value with :meth:`GRPO.set_hyperparameter` (mutation), which validates it and
-    keeps the optimizer's learning rate in sync.
-
-    Attributes:
-        lr: AdamW learning rate of the LoRA parameters.
-        beta: Coefficient of the k3 KL penalty to the reference (adapters disabled); 0 skips the
-            reference forward pass entirely.
-        clip_low: The ratio is clipped below at ``1 - clip_low``.
-        clip_high: The ratio is clipped above at ``1 + clip_high``.
-        group_size: Completions sampled per prompt (``G >= 2``).
-        batch_size: Sequences per forward/backward mini-batch (gradients are accumulated over the
-            whole batch: one optimizer step per update epoch).
-        max_grad_norm: Gradient norm clip.
-        update_epochs: Optimizer steps per batch of experience.
-        temperature: Sampling temperature.
-        top_p: Nucleus sampling threshold (1.0 = off).
-        top_k: Top-k sampling (0 = off).
-        max_output_tokens: Generation budget per completion.
-        loss_type: ``"grpo"``, ``"dr_grpo"`` or ``"dapo"`` (see :func:`~llm_gym.algorithms.loss.grpo_loss`).
-        scale_rewards: Divide advantages by the group std (True) or only centre them (False, Dr. GRPO).
-    """
-
-    lr: float = 5e-5
-    beta: float = 0.04
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    group_size: int = 8
-    batch_size: int = 16
-    max_grad_norm: float = 1.0
-    update_epochs: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_output_tokens: int = 1024
-    loss_type: str = "grpo"
-    scale_rewards: bool = True
-
-    def validate(self) -> None:
-        """Check every field.
-
-        Raises:
-            ValueError: Naming the field, the rule and the fix.
-        """
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size={self.group_size}: GRPO needs at least 2 completions per prompt (group_size >= 2) "
-                "to compare them; use group_size=8 or another value >= 2"
-            )
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid loss types are {list(LOSS_TYPES)}")
-        checks = [
-            ("lr", self.lr > 0, "> 0"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("clip_low", 0 <= self.clip_low < 1, "in [0, 1)"),
-            ("clip_high", self.clip_high >= 0, ">= 0"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("update_epochs", self.update_epochs >= 1, ">= 1"),
-            ("temperature", self.temperature > 0, "> 0 (use get_action(training=False) for greedy)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
-            ("max_output_tokens", self.max_output_tokens >= 1, ">= 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be {rule}")
-
-
-def _clip_pair(clip_coef: float | Sequence[float]) -> tuple[float, float]:
-    if isinstance(clip_coef, (int, float)):
-        return float(clip_coef), float(clip_coef)
-    pair = tuple(float(c) for c in clip_coef)
-    if len(pair) != 2:
-        raise ValueError(f"clip_coef must be a float or a (low, high) pair, got {clip_coef!r}")
-    return pair[0], pair[1]
-
-
-def _default_lora_config() -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
-def _resolve_device(device: Any, accelerator: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if accelerator is not None and getattr(accelerator, "device", None) is not None:
-        return torch.device(accelerator.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class GRPO:
@@ -213,7 +112,7 @@ class GRPO:
         adapter_name: str = "default",
         index: int = 0,
     ) -> None:
-        clip_low, clip_high = _clip_pair(clip_coef)
+        clip_low, clip_high = clip_pair(clip_coef)
         self.hps = GRPOHyperParams(
             lr=lr, beta=beta, clip_low=clip_low, clip_high=clip_high, group_size=group_size,
             batch_size=batch_size, max_grad_norm=max_grad_norm, update_epochs=update_epochs,
@@ -228,7 +127,7 @@ class GRPO:
         self.seed = seed
         self.max_model_len = max_model_len
         self.accelerator = accelerator
-        self.device = _resolve_device(device, accelerator)
+        self.device = resolve_device(device, accelerator)
         self.adapter_name = adapter_name
         self.use_vllm = use_vllm
         self.vllm_config = vllm_config
@@ -275,13 +174,13 @@ class GRPO:
 
         if isinstance(model, PeftModel):
             if self.adapter_name not in model.peft_config:
-                model.add_adapter(self.adapter_name, lora_config or _default_lora_config())
+                model.add_adapter(self.adapter_name, lora_config or default_lora_config())
             return model
         if not hasattr(model, "generate"):
             raise ValueError(
                 f"the model must be a causal LM with generate() (e.g. AutoModelForCausalLM), got {type(model).__name__}"
             )
-        return get_peft_model(model, lora_config or _default_lora_config(), adapter_name=self.adapter_name)
+        return get_peft_model(model, lora_config or default_lora_config(), adapter_name=self.adapter_name)
 
     @staticmethod
     def _check_pad(model: Any, pad_token_id: int | None, pad_token: str | None) -> tuple[int, str | None]:
@@ -343,7 +242,7 @@ class GRPO:
             ValueError: On an unknown name or an invalid value (the old value is kept).
         """
         if name == "clip_coef":
-            low, high = _clip_pair(value)
+            low, high = clip_pair(value)
             new = dataclasses.replace(self.hps, clip_low=low, clip_high=high)
         elif name in {f.name for f in dataclasses.fields(GRPOHyperParams)}:
             new = dataclasses.replace(self.hps, **{name: value})
@@ -631,34 +530,9 @@ class GRPO:
         Args:
             directory: An existing folder.
         """
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+        from llm_gym.algorithms.grpo_checkpoint import write_agent_files
 
-        out = Path(directory)
-        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / ADAPTER_WEIGHTS,
-                  metadata={"format": "pt"})  # fmt: skip
-        config = copy.deepcopy(self.model.peft_config[self.adapter_name])
-        config.inference_mode = True
-        if self.model_id and not config.base_model_name_or_path:
-            config.base_model_name_or_path = self.model_id
-        config.save_pretrained(str(out))
-        torch.save(self.optimizer.state_dict(), out / OPTIMIZER_FILE)
-        meta = {
-            "format_version": 1,
-            "base_model": self.model_id,
-            "adapter_name": self.adapter_name,
-            "index": self.index,
-            "pad_token_id": self.pad_token_id,
-            "pad_token": self.pad_token,
-            "hyperparameters": dataclasses.asdict(self.hps),
-            "max_model_len": self.max_model_len,
-            "fitness": self.fitness,
-            "steps": self.steps,
-            "skipped_updates": self.skipped_updates,
-            "lineage": self.lineage,
-        }
-        (out / AGENT_FILE).write_text(json.dumps(meta, indent=2))
+        write_agent_files(self, directory)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load a folder written by :meth:`save_checkpoint` into this agent's adapter.
@@ -670,41 +544,19 @@ class GRPO:
             FileNotFoundError: If a file is missing.
             ValueError: If the adapter's shape (rank, target modules) differs from this agent's.
         """
-        from peft import PeftConfig
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from llm_gym.algorithms.grpo_checkpoint import read_agent_files
 
-        path = Path(path)
-        for name in (ADAPTER_WEIGHTS, "adapter_config.json", AGENT_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} is missing: not a checkpoint written by GRPO.save_checkpoint")
-        saved = PeftConfig.from_pretrained(str(path))
-        mine = self.model.peft_config[self.adapter_name]
-        for field in ("r", "target_modules", "lora_alpha"):
-            a, b = getattr(saved, field, None), getattr(mine, field, None)
-            if (set(a) if isinstance(a, (set, list)) else a) != (set(b) if isinstance(b, (set, list)) else b):
-                raise ValueError(
-                    f"checkpoint {path} has {field}={a!r} but this agent's adapter has {field}={b!r}; build the "
-                    "agent with the checkpoint's LoraConfig (PeftConfig.from_pretrained(path))"
-                )
-        state = load_file(str(path / ADAPTER_WEIGHTS), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, state, adapter_name=self.adapter_name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {path} has tensors this adapter lacks: {result.unexpected_keys[:5]}")
-        meta = json.loads((path / AGENT_FILE).read_text())
-        self.hps = GRPOHyperParams(**meta["hyperparameters"])
-        self.hps.validate()
-        self.fitness = [float(f) for f in meta.get("fitness", [])]
-        self.steps = int(meta.get("steps", 0))
-        self.skipped_updates = int(meta.get("skipped_updates", 0))
-        self.lineage = list(meta.get("lineage", []))
-        if (path / OPTIMIZER_FILE).is_file():
-            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=self.device))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.hps.lr
+        read_agent_files(self, path)
         self._weights_dirty = True
 
     # ------------------------------------------------------------ populations
+    @classmethod
+    def population(cls, size: int, **kwargs: Any) -> list[GRPO]:
+        """``size`` agents on one shared base model (see :func:`~llm_gym.algorithms.population.create_population`)."""
+        from llm_gym.algorithms.population import create_population
+
+        return create_population(size, **kwargs)
+
     def clone(self, index: int | None = None, adapter_name: str | None = None) -> GRPO:
         """A copy of this agent as a new adapter on the SAME base model (no copy of the base).
 
@@ -756,5 +608,7 @@ class GRPO:
         The agent cannot be used afterwards. The last adapter of a model is kept (PEFT needs one).
         """
         if len(self.model.peft_config) > 1 and self.adapter_name in self.model.peft_config:
+            if self.model.active_adapter == self.adapter_name:  # PEFT warns when the active one is deleted
+                self.model.set_adapter(next(n for n in self.model.peft_config if n != self.adapter_name))
             self.model.delete_adapter(self.adapter_name)
         self.optimizer.state.clear()

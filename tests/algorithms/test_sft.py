@@ -1,0 +1,216 @@
+"""SFT warm-up: data building, masking, the length report, schedules and real training."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llm_gym.algorithms.sft import (
+    IGNORE_INDEX,
+    SFTConfig,
+    SFTExample,
+    collate,
+    completion_loss,
+    filter_rollouts,
+    length_report,
+    oracle_examples,
+    tokenize_example,
+    train_sft,
+)
+from llm_gym.tasks.countdown import TASK as COUNTDOWN
+from llm_gym.tiny import TinyConfig, build_model, build_tokenizer
+
+CORPUS = [
+    "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>\n",
+    "<|im_start|>user\nCount<|im_end|>\n<|im_start|>assistant\n1 2 3 4 5<|im_end|>\n",
+    "Using the numbers [44, 19, 35], create an equation. <think> </think> <answer> </answer>",
+] * 10
+MICRO = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: with 2 threads on a busy 2-core machine a step is ~25x slower than with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CORPUS, vocab_size=300)
+
+
+class CharTokenizer:
+    """One token per character (its code point); eos id 0. Lengths are then easy to derive by hand."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def prompt_of(user: str) -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_tokenize_example_appends_eos_once(tokenizer):
+    prompt_ids, completion_ids = tokenize_example(SFTExample(prompt_of("Say hi"), "hello there"), tokenizer)
+    assert completion_ids[-1] == tokenizer.eos_token_id == 2
+    assert tokenizer.decode(prompt_ids) == prompt_of("Say hi")
+    assert tokenizer.decode(completion_ids) == "hello there<|im_end|>"
+    _, again = tokenize_example(SFTExample("x", "hello there<|im_end|>"), tokenizer)
+    assert again == completion_ids  # already ends with eos: not doubled
+
+
+def test_collate_masks_prompt_and_padding_exactly():
+    pairs = [([5, 6, 7], [8, 9]), ([5], [8, 9, 10, 11]), ([5, 6], [8])]
+    batch, truncated = collate(pairs, pad_id=0, seq_len=10)
+    assert truncated == 0
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 11], [5, 6, 8, 0, 0]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, -100, 8, 9],
+        [-100, 8, 9, 10, 11],
+        [-100, -100, 8, -100, -100],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_collate_truncates_the_tail_and_counts():
+    batch, truncated = collate([([5, 6, 7], [8, 9]), ([5], [8])], pad_id=0, seq_len=4)
+    assert truncated == 1
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8], [-100, 8, -100, -100]]
+
+
+def test_completion_loss_scores_only_labelled_positions():
+    # V=2. Position 0 predicts the label at position 1 (token 1) with logits [0, ln 3]: p = 3/4.
+    # Position 1 predicts position 2, whose label is -100: its logits must not matter.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [50.0, -50.0], [0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
+    assert completion_loss(logits, labels).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+
+
+def test_length_report_numbers():
+    # lengths = prompt + completion + eos: 2+1+1=4, 3+2+1=6, 1+0+1=2, 4+4+1=9
+    examples = [SFTExample("ab", "c"), SFTExample("abc", "de"), SFTExample("a", ""), SFTExample("abcd", "efgh")]
+    report = length_report(examples, CharTokenizer(), seq_len=6)
+    assert (report.count, report.max_length, report.fit) == (4, 9, 3)
+    assert report.mean_length == pytest.approx(21 / 4)
+    assert report.fit_fraction == pytest.approx(0.75)
+
+
+def test_filter_rollouts_by_total_and_by_parts():
+    prompts, completions = ["p1", "p2", "p3"], ["c1", "c2", "c3"]
+    kept = filter_rollouts(prompts, completions, [0.5, 1.0, 2.0], threshold=1.0)
+    assert [e.completion for e in kept] == ["c2", "c3"]
+    parts = [{"format": 1.0, "equation": 0.0}, {"format": 1.0, "equation": 1.0}, {"format": 0.0, "equation": 1.0}]
+    assert [e.prompt for e in filter_rollouts(prompts, completions, parts, 1.0)] == ["p1", "p2", "p3"]  # sums 1, 2, 1
+    assert [e.prompt for e in filter_rollouts(prompts, completions, parts, {"format": 1, "equation": 1})] == ["p2"]
+    with pytest.raises(ValueError, match="lengths 3, 3, 2"):
+        filter_rollouts(prompts, completions, [1.0, 1.0], 1.0)
+    with pytest.raises(ValueError, match="part 'win'"):
+        filter_rollouts(prompts, completions, parts, {"win": 1.0})
+
+
+def test_oracle_examples_follow_the_prefill(tokenizer):
+    task = COUNTDOWN
+    examples = oracle_examples(task, tokenizer, size=5, seed=3, max_numbers=3)
+    assert len(examples) == 5
+    for ex in examples:
+        assert ex.prompt.endswith("<|im_start|>assistant\nLet me solve this step by step.\n<think>")
+        assert ex.completion.endswith("</answer>")
+    no_oracle = dataclasses.replace(task, solve=None)
+    with pytest.raises(ValueError, match="has no oracle"):
+        oracle_examples(no_oracle, tokenizer, size=2)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_schedule_warmup_then_cosine():
+    cfg = SFTConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+    # warm-up: (step+1)/2; then cosine over the remaining 4 steps: progress 0, 1/4, 1/2, 3/4
+    got = [cfg.lr_at(s, total=6) for s in range(6)]
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert SFTConfig(lr=0.1, schedule="constant").lr_at(99, total=100) == 0.1
+    assert SFTConfig(batch_size=4, epochs=2).total_steps(10) == 5  # ceil(2 * 10 / 4)
+    assert SFTConfig(max_steps=7).total_steps(10) == 7
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="schedule='step' is unknown"):
+        SFTConfig(schedule="step")
+    with pytest.raises(ValueError, match="batch_size=0 must be positive"):
+        SFTConfig(batch_size=0)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        SFTConfig(max_steps=0)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_loss_decreases_and_greedy_output_matches(tokenizer):
+    examples = [SFTExample(prompt_of("Say hi"), "hello there"), SFTExample(prompt_of("Count"), "1 2 3 4 5")]
+    model = build_model(tokenizer, MICRO, seed=0)
+    steps = []
+    result = train_sft(
+        model, tokenizer, examples,
+        SFTConfig(lr=1e-2, batch_size=2, max_steps=60, warmup_steps=5, schedule="constant"),
+        callback=lambda step, loss: steps.append(step),
+    )
+    assert result.steps == 60 and steps == list(range(60)) and len(result.losses) == 60
+    assert result.losses[0] > math.log(len(tokenizer)) - 1.0  # starts near chance: ln V = ln 300 ~ 5.7
+    assert sum(result.losses[-5:]) / 5 < 0.05
+    # completion tokens: every step sees both examples; the label count excludes the first position
+    per_step = sum(len(tokenize_example(ex, tokenizer)[1]) for ex in examples)
+    assert result.tokens == 60 * per_step
+    assert not model.training
+    for ex in examples:
+        enc = tokenizer(ex.prompt, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+        new = out[0, enc.input_ids.shape[1] :].tolist()
+        assert new[-1] == tokenizer.eos_token_id  # learned to stop
+        assert tokenizer.decode(new, skip_special_tokens=True) == ex.completion
+
+
+def test_train_sft_on_a_peft_model_changes_only_adapters(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(tokenizer, MICRO, seed=0)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    result = train_sft(
+        peft_model, tokenizer, [SFTExample(prompt_of("Say hi"), "hello there")], SFTConfig(lr=1e-2, max_steps=3)
+    )
+    assert result.steps == 3
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param, lora_before[name]), f"{name} did not change"
+    frozen = {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): param
+        for name, param in peft_model.named_parameters()
+        if not param.requires_grad
+    }
+    assert set(frozen) == set(base_before)
+    for name, param in frozen.items():
+        assert torch.equal(param, base_before[name]), name
+
+
+def test_truncation_is_counted(tokenizer, caplog):
+    model = build_model(tokenizer, MICRO, seed=0)
+    examples = [SFTExample(prompt_of("Say hi"), "hello there")]
+    n = sum(map(len, tokenize_example(examples[0], tokenizer)))
+    with caplog.at_level("WARNING"):
+        result = train_sft(model, tokenizer, examples, SFTConfig(max_steps=2, batch_size=1, seq_len=n - 1))
+    assert result.truncated == 2
+    assert "2 sequences were longer than seq_len" in caplog.text
+
+
+def test_train_sft_rejects_empty_data(tokenizer):
+    with pytest.raises(ValueError, match="no examples"):
+        train_sft(build_model(tokenizer, MICRO), tokenizer, [])
