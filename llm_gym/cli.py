@@ -152,6 +152,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from llm_gym.algorithms.recipe import held_out_table, load_config, run_training
+
+    try:
+        config = load_config(
+            args.config, task=args.task, model=args.model, population=args.population, max_steps=args.max_steps,
+            sft_steps=args.sft_steps, output_dir=args.output_dir, resume=args.resume, seed=args.seed,
+            threads=args.threads,
+        )
+    except (ValueError, OSError) as err:
+        print(f"llm-gym train: {err}", file=sys.stderr)
+        return 2
+    summary = run_training(config)
+    n = int(summary["elite"].get("problems", 0))
+    print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
+    print(held_out_table({"SFT start": summary["sft"], "elite (GRPO)": summary["elite"]}))
+    print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llm-gym``."""
     parser = argparse.ArgumentParser(prog="llm-gym", description=__doc__.splitlines()[0])
@@ -171,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--seed", type=int, default=0)
     p_eval.add_argument("--max-new-tokens", type=int, default=128)
     p_eval.set_defaults(func=_cmd_eval)
+
+    p_train = sub.add_parser(
+        "train", help="train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"
+    )
+    p_train.add_argument("--config", help="YAML file of TrainConfig fields (llm_gym.algorithms.recipe)")
+    p_train.add_argument("--task", help="environment id, e.g. llm_gym/Countdown-v0")
+    p_train.add_argument("--model", help="local path or hub id of a causal LM (default: the embedded tiny model)")
+    p_train.add_argument("--population", type=int, help="agents in the population")
+    p_train.add_argument("--max-steps", type=int, help="training steps")
+    p_train.add_argument("--sft-steps", type=int, help="SFT warm-up steps (0 skips it)")
+    p_train.add_argument("--output-dir", help="run folder (default runs/<time>)")
+    p_train.add_argument("--resume", help="checkpoint folder of an earlier run to continue")
+    p_train.add_argument("--seed", type=int)
+    p_train.add_argument("--threads", type=int, help="torch threads")
+    p_train.set_defaults(func=_cmd_train)
     return parser
 
 
