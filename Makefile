@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/llm-gym eval
+	$(BIN)/llm-gym train
 
 lint: install
 	$(BIN)/ruff check .

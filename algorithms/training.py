@@ -285,6 +285,9 @@ def finetune_llm_reasoning(
             means = [step_metrics.get(f"agent{s}/train/reward/total", math.nan) for s in range(len(pop))]
             step_metrics["train/reward_mean"] = sum(means) / len(means)
             step_metrics["data/epoch"] = float(getattr(env, "num_epochs", 0))
+            summary = _step_summary(step_metrics, len(pop))
+            if verbose:
+                logger.info("step %d | %s", step, " ".join(f"{k} {v:.3g}" for k, v in summary.items()))
 
             if step % evaluation_interval == 0 or step == max_steps or (evolve and step % evo_steps == 0):
                 _evaluate(pop, env, step, run, eval_problems)
@@ -310,8 +313,7 @@ def finetune_llm_reasoning(
                     max_steps = step
             sink.log(step_metrics, step)
             bar.update(1)
-            bar.set_postfix(reward=f"{step_metrics['train/reward_mean']:.3f}",
-                            best=f"{max((r['fitness'] for r in run.records), default=math.nan):.3f}")  # fmt: skip
+            bar.set_postfix(summary | {"best": max((r["fitness"] for r in run.records), default=math.nan)})
             if checkpoint_path and (step % checkpoint_interval == 0 or step == max_steps):
                 checkpoint(step)
             if step < max_steps:
@@ -322,6 +324,29 @@ def finetune_llm_reasoning(
     if run.records:
         plot_learning_curve(run.records, run_dir / "learning_curve.png", events=run.events, max_fitness=max_reward)
     return pop
+
+
+_SUMMARY_KEYS = {
+    "reward": "train/reward/total",
+    "len": "completion/length_mean",
+    "kl": "loss/kl",
+    "clip": "grpo/clip_fraction",
+}
+
+
+def _step_summary(step_metrics: dict[str, float], population: int) -> dict[str, float]:
+    """Population means of the headline metrics of a step: reward total and parts, length, KL, clip fraction."""
+
+    def mean(key: str) -> float:
+        values = [step_metrics[f"agent{s}/{key}"] for s in range(population) if f"agent{s}/{key}" in step_metrics]
+        return sum(values) / len(values) if values else math.nan
+
+    parts = sorted({k.split("/", 1)[1].removeprefix("train/reward/") for k in step_metrics
+                    if "/train/reward/" in k and not k.endswith(("/total", "/failures"))})  # fmt: skip
+    summary = {"reward": mean(_SUMMARY_KEYS["reward"])}
+    summary.update({part: mean(f"train/reward/{part}") for part in parts})
+    summary.update({name: mean(key) for name, key in _SUMMARY_KEYS.items() if name != "reward"})
+    return {k: v for k, v in summary.items() if not math.isnan(v)}
 
 
 def _hps(agent: Any) -> dict[str, float]:

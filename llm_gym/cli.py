@@ -164,6 +164,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"llm-gym train: {err}", file=sys.stderr)
         return 2
+    if not args.verbose:  # per-step metrics and evaluations of the run, without the libraries' debug noise
+        logging.getLogger("llm_gym").setLevel(logging.INFO)
     summary = run_training(config)
     n = int(summary["elite"].get("problems", 0))
     print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
