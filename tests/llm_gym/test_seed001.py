@@ -1,6 +1,6 @@
 """Seed 001's data preparation, template and reward functions, run unchanged against ReasoningGym.
 
-The three reward functions below are the tutorial's own (shared/seeds/001), kept as written,
+The three reward functions are the tutorial's own (``tests/seed001.py``, shared/seeds/001), kept as written,
 including its ``eval`` of a regex-checked equation: they are the user code that must keep working,
 not library code. They call ``numbers.flatten()`` on the question column and prepend ``<think>``
 to the completion themselves.
@@ -16,61 +16,12 @@ import pytest
 import torch
 
 from llm_gym.reasoning_gym import ReasoningGym
+from tests.seed001 import seed_functions
 
-
-def format_reward_func(completions, target, **kwargs):
-    rewards = []
-    for completion, _gt in zip(completions, target, strict=False):
-        try:
-            completion = "<think>" + completion
-            regex = r"^<think>([^<]*(?:<(?!/?think>)[^<]*)*)<\/think>\n<answer>([\s\S]*?)<\/answer>$"
-            match = re.search(regex, completion, re.DOTALL)
-            if match is None or len(match.groups()) != 2:
-                rewards.append(0.0)
-            else:
-                rewards.append(1.0)
-        except Exception:
-            rewards.append(0.0)
-    return rewards
-
-
-def equation_reward_func(completions, target, nums, **kwargs):
-    rewards = []
-    for completion, gt, numbers in zip(completions, target, nums, strict=False):
-        try:
-            completion = "<think>" + completion
-            answer_tags = re.findall(r"<answer>([\s\S]*?)<\/answer>", completion)
-            if len(answer_tags) != 1:
-                rewards.append(0.0)
-                continue
-            equation = answer_tags[0].strip()
-            used_numbers = [int(n) for n in re.findall(r"\d+", equation)]
-            if sorted(used_numbers) != sorted(numbers.flatten().tolist()):
-                rewards.append(0.0)
-                continue
-            allowed_pattern = r"^[\d+\-*/().\s]+$"
-            if not re.match(allowed_pattern, equation):
-                rewards.append(0.0)
-                continue
-            result = eval(equation, {"__builtins__": None}, {})  # noqa: S307 - the seed's own code, regex-gated
-            if abs(float(result) - float(gt)) < 1e-5:
-                rewards.append(1.0)
-            else:
-                rewards.append(0.0)
-        except Exception:
-            rewards.append(0.0)
-    return rewards
-
-
-def combined_rewards(completion, solution, prompt):
-    reward = (
-        equation_reward_func([completion], [solution], [prompt])[0]
-        + format_reward_func([completion], [solution])[0]
-    )
-    if reward == 2.0:
-        with open("countdown_completions.txt", "a") as text_file:
-            text_file.write(f"Prompt {prompt}" + "\n" + completion + "\n" + "=" * 50 + "\n")
-    return reward
+SEED = seed_functions()  # the tutorial's own definitions, executed with llm-gym imports
+format_reward_func = SEED["format_reward_func"]
+equation_reward_func = SEED["equation_reward_func"]
+combined_rewards = SEED["combined_rewards"]
 
 
 CONVERSATION_TEMPLATE = [

@@ -24,52 +24,11 @@ from llm_gym.tasks.countdown import (
     generate,
     solve,
 )
+from tests.seed001 import seed_functions
 
-
-# --- seed 001's reward functions, copied verbatim as the compatibility reference ---------------
-def seed_format_reward_func(completions, target, **kwargs):
-    rewards = []
-    for completion, _gt in zip(completions, target, strict=False):
-        try:
-            completion = "<think>" + completion
-            regex = r"^<think>([^<]*(?:<(?!/?think>)[^<]*)*)<\/think>\n<answer>([\s\S]*?)<\/answer>$"
-            match = re.search(regex, completion, re.DOTALL)
-            if match is None or len(match.groups()) != 2:
-                rewards.append(0.0)
-            else:
-                rewards.append(1.0)
-        except Exception:  # noqa: PERF203
-            rewards.append(0.0)
-    return rewards
-
-
-def seed_equation_reward_func(completions, target, nums, **kwargs):
-    rewards = []
-    for completion, gt, numbers in zip(completions, target, nums, strict=False):
-        try:
-            completion = "<think>" + completion
-            answer_tags = re.findall(r"<answer>([\s\S]*?)<\/answer>", completion)
-            if len(answer_tags) != 1:
-                rewards.append(0.0)
-                continue
-            equation = answer_tags[0].strip()
-            used_numbers = [int(n) for n in re.findall(r"\d+", equation)]
-            if sorted(used_numbers) != sorted(numbers.flatten().tolist()):
-                rewards.append(0.0)
-                continue
-            allowed_pattern = r"^[\d+\-*/().\s]+$"
-            if not re.match(allowed_pattern, equation):
-                rewards.append(0.0)
-                continue
-            # The seed's own code evals a regex-checked string; this is the reference, not the library.
-            result = eval(equation, {"__builtins__": None}, {})  # noqa: S307
-            if abs(float(result) - float(gt)) < 1e-5:
-                rewards.append(1.0)
-            else:
-                rewards.append(0.0)
-        except Exception:
-            rewards.append(0.0)
-    return rewards
+# seed 001's reward functions (the tutorial's own code) are the compatibility reference
+seed_format_reward_func = seed_functions()["format_reward_func"]
+seed_equation_reward_func = seed_functions()["equation_reward_func"]
 
 
 def seed_rewards(completion: str, nums: list[int], target: int) -> tuple[float, float]:
