@@ -11,12 +11,14 @@ A backend takes the environment's prompts (``{"input_ids": [1, L_i], "attention_
 The mask is built from what was generated, never from the ids: with ``pad_token = eos_token``
 (seed 001) padding cannot be told apart from a real EOS by looking at ids.
 
-:class:`HFGenerationBackend` uses ``transformers`` ``generate`` (the CPU default); the vLLM backend
+:class:`HFGenerationBackend` uses the training model itself (the CPU default: a lean decoding loop,
+:mod:`llm_gym.algorithms.decoding`, or ``transformers`` ``generate``); the vLLM backend
 lives in :mod:`llm_gym.algorithms.vllm_backend` and is imported only when asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -382,23 +384,39 @@ def mini_batches(packed: PackedBatch, batch_size: int, device: torch.device | st
 
 
 class HFGenerationBackend:
-    """Generation with ``transformers`` ``generate``: one batched call for all prompts.
+    """Generation with the training model itself: one batched decoding loop for all prompts.
 
-    Prompts are left-padded into one ``[P, L]`` batch and repeated ``G`` times
-    (``num_return_sequences``), so the model is called once per decoding step for all ``P * G``
-    sequences. Runs under ``torch.no_grad()`` (not ``inference_mode``: its tensors could not enter
-    the backward pass of the update) with the model in eval mode and the KV cache on.
+    Prompts are left-padded into one ``[P, L]`` batch. By default the lean loop of
+    :mod:`llm_gym.algorithms.decoding` runs: each prompt is prefilled once and its KV cache shared
+    by its ``G`` completions, finished rows leave the batch, and LoRA layers run as merged plain
+    linears while decoding. ``use_generate=True`` calls ``transformers``' ``generate`` instead
+    (``num_return_sequences = G``), e.g. for models the lean loop does not support. Runs under
+    ``torch.no_grad()`` (not ``inference_mode``: its tensors could not enter the backward pass of
+    the update) with the model in eval mode and the KV cache on.
 
     Args:
         model: A causal LM (a ``PeftModel`` with the agent's adapter active).
         pad_token_id: Padding id.
         eos_token_ids: Ids that end a completion.
+        use_generate: Decode with ``model.generate`` rather than the lean loop.
+        merge_lora: Lean loop only: decode with merged LoRA weights (a transient copy of the
+            adapted linear weights; the trained parameters are untouched).
     """
 
-    def __init__(self, model: Any, pad_token_id: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        pad_token_id: int,
+        eos_token_ids: Sequence[int],
+        *,
+        use_generate: bool = False,
+        merge_lora: bool = True,
+    ) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = [int(e) for e in eos_token_ids]
+        self.use_generate = use_generate
+        self.merge_lora = merge_lora
 
     def sync(self, agent: Any) -> None:
         """Nothing to do: this backend generates with the training model itself."""
@@ -412,7 +430,7 @@ class HFGenerationBackend:
     def generate(
         self, prompts: Sequence[dict[str, Any]], sampling: SamplingConfig, adapter_name: str = "default"
     ) -> GenerationOutput:
-        """Generate ``sampling.group_size`` completions for each prompt in one ``generate`` call.
+        """Generate ``sampling.group_size`` completions for each prompt in one batched decoding run.
 
         Args:
             prompts: The environment's prompts.
@@ -424,6 +442,34 @@ class HFGenerationBackend:
         """
         input_ids, attention, unpadded = left_pad(prompts, self.pad_token_id)
         device = self._device()
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        try:
+            with torch.no_grad():
+                if self.use_generate:
+                    generated = self._hf_generate(input_ids.to(device), attention.to(device), sampling)
+                else:
+                    generated = self._lean(input_ids.to(device), attention.to(device), sampling)  # [P*G, C]
+        finally:
+            self.model.train(was_training)
+        return split_completions(
+            unpadded, generated, sampling.group_size, eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )  # fmt: skip
+
+    def _lean(self, input_ids: Tensor, attention: Tensor, sampling: SamplingConfig) -> Tensor:
+        from llm_gym.algorithms.decoding import decode, merged_lora
+
+        merge = merged_lora(self.model) if self.merge_lora else contextlib.nullcontext()
+        with merge:
+            return decode(
+                self.model, input_ids, attention, group_size=sampling.group_size,
+                max_new_tokens=sampling.max_new_tokens, eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id, greedy=sampling.greedy, temperature=sampling.temperature,
+                top_k=sampling.top_k, top_p=sampling.top_p,
+            )  # fmt: skip
+
+    def _hf_generate(self, input_ids: Tensor, attention: Tensor, sampling: SamplingConfig) -> Tensor:
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "num_return_sequences": sampling.group_size,
@@ -440,17 +486,5 @@ class HFGenerationBackend:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,  # 0 disables top-k in transformers
             )
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling
-        try:
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
-                )  # [P*G, L + C], rows prompt-major
-        finally:
-            self.model.train(was_training)
-        generated = out[:, input_ids.shape[1] :]  # [P*G, C]
-        return split_completions(
-            unpadded, generated, sampling.group_size, eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-        )  # fmt: skip
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)  # [P*G, L + C]
+        return out[:, input_ids.shape[1] :]  # [P*G, C]

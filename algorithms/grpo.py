@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_gym.algorithms.decoding import accepts_logits_to_keep, base_model_only
 from llm_gym.algorithms.generation import (
     HFGenerationBackend,
     MiniBatch,
@@ -348,8 +349,9 @@ class GRPO:
 
     # ----------------------------------------------------------------- update
     def _logps(self, mb: MiniBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        logits = self.model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False).logits
-        logits = logits[:, mb.first : -1]  # [b, t, V]: position t predicts token t + 1
+        keep = {"logits_to_keep": mb.ids.shape[1] - mb.first} if accepts_logits_to_keep(self.model) else {}
+        logits = self.model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False, **keep).logits
+        logits = logits[:, mb.first - mb.ids.shape[1] : -1]  # [b, t, V]: position t predicts token t + 1
         targets = mb.ids[:, mb.first + 1 :]  # [b, t]
         logp = selective_log_softmax(logits, targets)  # [b, t]
         return logp, (token_entropy(logits.detach()) if entropy else None)
@@ -360,7 +362,7 @@ class GRPO:
         self.model.eval()
         try:
             if reference:
-                with self.model.disable_adapter():
+                with base_model_only(self.model):  # = disable_adapter(), without PEFT's wrappers
                     return [self._logps(mb)[0] for mb in batches]
             return [self._logps(mb)[0] for mb in batches]
         finally:

@@ -87,13 +87,13 @@ def test_generation_budget_fits_cuts_and_fails(caplog):
         generation_budget(15, 20, 15)
 
 
-def _backend(eos=(EOS,)):
+def _backend(eos=(EOS,), **kwargs):
     model = get_peft_model(make_model(), lora_config())
-    return model, HFGenerationBackend(model, pad_token_id=EOS, eos_token_ids=list(eos))
+    return model, HFGenerationBackend(model, pad_token_id=EOS, eos_token_ids=list(eos), **kwargs)
 
 
-def test_hf_backend_one_generate_call_for_all_prompts(monkeypatch):
-    model, backend = _backend(eos=range(0, 100, 7))
+def test_hf_backend_generate_path_one_call_for_all_prompts(monkeypatch):
+    model, backend = _backend(eos=range(0, 100, 7), use_generate=True)
     calls = []
     real = model.generate
 
@@ -131,3 +131,46 @@ def test_hf_backend_greedy_is_deterministic():
     second = backend.generate([prompt([5, 6, 7]), prompt([8])], sampling)
     for a, b in zip(first.completion_ids, second.completion_ids, strict=True):
         assert a.shape[0] == 1 and torch.equal(a, b)
+
+
+def test_lean_backend_never_calls_generate_and_prefills_each_prompt_once(monkeypatch):
+    model, backend = _backend(eos=range(0, 100, 7))
+    monkeypatch.setattr(model, "generate", lambda **kwargs: pytest.fail("the lean path must not call generate"))
+    calls = []
+    real = model.forward
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape, model.training, torch.is_grad_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    model.train()
+    out = backend.generate([prompt([5, 6, 7]), prompt([8, 9]), prompt([10])], SamplingConfig(group_size=4,
+                                                                                             max_new_tokens=5))
+    assert calls[0][0] == (3, 3)  # prefill: one row per prompt, left-padded to 3
+    assert all(shape[1] == 1 and shape[0] <= 12 for shape, _, _ in calls[1:])  # decoding steps
+    assert 1 <= len(calls) - 1 <= 4  # at most max_new_tokens - 1 decoding forwards after the prefill
+    assert not any(training or grad for _, training, grad in calls)  # eval mode, no autograd
+    assert model.training  # the caller's mode is restored
+    assert [ids.shape[0] for ids in out.completion_ids] == [4, 4, 4]
+
+
+def test_lean_backend_greedy_equals_generate_backend():
+    # Random LoRA B so the adapter matters; 12 EOS ids so some completions end early.
+    model, lean = _backend(eos=range(0, 100, 9))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    reference = HFGenerationBackend(model, pad_token_id=EOS, eos_token_ids=list(range(0, 100, 9)), use_generate=True)
+    unmerged = HFGenerationBackend(model, pad_token_id=EOS, eos_token_ids=list(range(0, 100, 9)), merge_lora=False)
+    prompts = [prompt([5, 6, 7, 8, 9]), prompt([8, 9]), prompt([10, 3, 4]), prompt([40])]
+    sampling = SamplingConfig(group_size=1, max_new_tokens=10, greedy=True)
+    expected = reference.generate(prompts, sampling)
+    for backend in (lean, unmerged):
+        got = backend.generate(prompts, sampling)
+        for a, b, ma, mb in zip(got.completion_ids, expected.completion_ids, got.action_masks, expected.action_masks,
+                                strict=True):  # fmt: skip
+            assert torch.equal(a, b) and torch.equal(ma, mb)
+    lengths = [int(m.sum()) for m in expected.action_masks]
+    assert min(lengths) < 10 and max(lengths) == 10  # early EOS and a full-length completion both occur
