@@ -38,6 +38,7 @@ __all__ = [
     "left_pad",
     "mini_batches",
     "pack_completions",
+    "select_rows",
     "split_completions",
 ]
 
@@ -353,6 +354,23 @@ def pack_completions(
     lengths = torch.where(last >= 0, last + 2, torch.tensor([len(r) for r in rows_ids]))
     attention = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()  # [B, T]
     return PackedBatch(ids=ids, attention=attention, mask=mask, lengths=lengths)
+
+
+def select_rows(packed: PackedBatch, keep: Tensor) -> PackedBatch:
+    """The rows of ``packed`` where ``keep`` (``[B]`` bool) is True, in order.
+
+    Args:
+        packed: The batch.
+        keep: Which rows to keep.
+
+    Returns:
+        A packed batch of the kept rows (the same object when every row is kept).
+    """
+    keep = keep.to(torch.bool).cpu()
+    if bool(keep.all()):
+        return packed
+    return PackedBatch(ids=packed.ids[keep], attention=packed.attention[keep], mask=packed.mask[keep],
+                       lengths=packed.lengths[keep])  # fmt: skip
 
 
 def mini_batches(packed: PackedBatch, batch_size: int, device: torch.device | str = "cpu") -> list[MiniBatch]:

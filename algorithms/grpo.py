@@ -35,6 +35,7 @@ from llm_gym.algorithms.generation import (
     generation_budget,
     mini_batches,
     pack_completions,
+    select_rows,
 )
 from llm_gym.algorithms.grpo_config import (
     GRPOHyperParams,
@@ -402,9 +403,16 @@ class GRPO:
         advantages, adv_metrics = group_advantages(rewards, scale=self.hps.scale_rewards)  # [P, G]
         advantages = advantages.reshape(-1)  # [B], prompt-major like the packed rows
         packed = pack_completions(completion_ids, action_masks, group, self.pad_token_id)
-        batches = mini_batches(packed, self.hps.batch_size, self.device)
+        # Normalisers count every sequence, trained on or not, so dropping rows below changes nothing.
         total_seqs = packed.ids.shape[0]
         total_tokens = max(int(packed.mask.sum()), 1)
+        length_mean = float(packed.mask.sum(dim=1).float().mean())
+        if self.hps.beta == 0:
+            # With no KL term a zero advantage means a zero gradient: skip those rows' forward and
+            # backward (groups whose rewards all tie). Their loss and clip fraction are exactly 0.
+            trained = advantages != 0  # [B]
+            packed, advantages = select_rows(packed, trained), advantages[trained]
+        batches = mini_batches(packed, self.hps.batch_size, self.device) if packed.ids.shape[0] else []
         weights, advs = [], []
         for mb in batches:
             # Weight making the sum over mini-batches equal the full-batch normalisation.
@@ -457,11 +465,18 @@ class GRPO:
         self.skipped_updates += skipped
         self._weights_dirty = True
 
-        metrics = {key: value for key, value in sums.items() if key not in adv_metrics}
+        # The losses are full-batch objectives (skipped rows add exactly 0); the other per-token
+        # metrics (clip fractions, ratio, KL) describe the rows actually trained on.
+        kept = sum(weights)
+        metrics = {key: (value if key in ("loss", "loss/policy") or not kept else value / kept)
+                   for key, value in sums.items() if key not in adv_metrics}  # fmt: skip
+        if not batches:
+            metrics.update({"loss": 0.0, "loss/policy": 0.0, "grpo/clip_fraction": 0.0, "grpo/ratio_mean": 1.0})
         metrics.setdefault("loss/kl", 0.0)
         metrics.update(adv_metrics)
-        metrics["completion/length_mean"] = float(packed.mask.sum(dim=1).float().mean())
-        metrics["grpo/entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan
+        metrics["completion/length_mean"] = length_mean
+        metrics["grpo/entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan  # trained rows
+        metrics["grpo/trained_fraction"] = packed.ids.shape[0] / total_seqs
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["grpo/skipped_updates"] = float(skipped)
         metrics["grpo/lr"] = self.hps.lr

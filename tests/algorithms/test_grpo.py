@@ -212,6 +212,42 @@ def test_mini_batches_accumulate_to_the_full_batch_update(loss_type):
     assert m_split["loss/kl"] == pytest.approx(m_full["loss/kl"], abs=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_beta_zero_skips_tied_groups_without_changing_the_update(loss_type):
+    # Prompt 1's group ties (all rewards 1): its advantages are 0, so with beta = 0 its rows carry no
+    # gradient and are not forwarded. The reference agent has a KL term (beta = 1e-12) so it trains on
+    # every row; at the start policy == reference, where k3's gradient is exactly 0, so both updates
+    # must agree.
+    skip = make_agent(loss_type=loss_type, beta=0.0)
+    full = make_agent(loss_type=loss_type, beta=1e-12)
+    ids, masks, _ = _experience(skip)
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    rows = []
+    inner = skip.model.get_base_model().model
+    hook = inner.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        m_skip = skip.learn((ids, masks, rewards))
+    finally:
+        hook.remove()
+    m_full = full.learn((ids, masks, rewards))
+    assert rows == [8]  # one policy forward of the 2 x 4 rows with a signal; no reference pass
+    assert m_skip["grpo/trained_fraction"] == pytest.approx(2 / 3)
+    assert m_full["grpo/trained_fraction"] == 1.0
+    a, b = _lora(skip), _lora(full)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert m_skip["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
+    assert m_skip["completion/length_mean"] == m_full["completion/length_mean"]
+
+
+def test_beta_zero_and_every_group_tied_leaves_the_adapter_alone():
+    agent = make_agent(beta=0.0)
+    ids, masks, _ = _experience(agent)
+    before = _lora(agent)
+    metrics = agent.learn((ids, masks, torch.ones(3, 4)))
+    assert metrics["grpo/trained_fraction"] == 0.0 and metrics["loss"] == 0.0
+    assert all(torch.equal(before[n], p) for n, p in _lora(agent).items())
+
+
 def test_non_finite_loss_skips_the_update_with_a_warning(monkeypatch):
     agent = make_agent()
     experience = _experience(agent)
