@@ -402,15 +402,24 @@ class Mutations:
                     f"hp_config genes {missing} are not hyper-parameters of agent {agent.index} "
                     f"(agent.hps is {agent.hps!r}): fix the gene names or remove them."
                 )
-            return list(config.items())
-        default = HyperparameterConfig.default()
-        genes = [(name, param) for name, param in default.items() if _get_hp(agent, name) is not _MISSING]
-        if not genes:
+            genes = list(config.items())
+        else:
+            default = HyperparameterConfig.default()
+            genes = [(name, param) for name, param in default.items() if _get_hp(agent, name) is not _MISSING]
+            if not genes:
+                raise ValueError(
+                    f"Agent {agent.index} has none of the default genes {default.names()} "
+                    f"(agent.hps is {agent.hps!r}): pass hp_config=HyperparameterConfig(...) to Mutations."
+                )
+        # A log-scale gene at 0 is a switched-off term (beta = 0: no KL penalty). Mutation keeps it off:
+        # multiplicative noise cannot move 0, and turning a term on is the user's decision.
+        live = [(name, param) for name, param in genes if not (param.log_scale and _get_hp(agent, name) <= 0)]
+        if not live:
             raise ValueError(
-                f"Agent {agent.index} has none of the default genes {default.names()} "
-                f"(agent.hps is {agent.hps!r}): pass hp_config=HyperparameterConfig(...) to Mutations."
+                f"every gene of agent {agent.index} is a log-scale gene at 0 ({[n for n, _ in genes]}): nothing "
+                "to mutate; give those hyper-parameters positive values or other genes"
             )
-        return genes
+        return live
 
     @staticmethod
     def _is_elite(agent: Any) -> bool:

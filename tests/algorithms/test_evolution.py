@@ -398,3 +398,24 @@ def test_lineage_events_deduplicates_inherited_events():
         ("selected", 4, 2),
         ("selected", 5, 2),
     ]
+
+
+def test_log_scale_gene_at_zero_is_left_off_by_mutation():
+    # beta = 0 means "no KL term": the default genes include beta on a log scale, which cannot
+    # move from 0; mutation must pick among the other genes instead of failing.
+    class Agent:
+        def __init__(self):
+            self.hps = {"lr": 1e-3, "beta": 0.0}
+            self.fitness, self.index, self.lineage, self.steps = [1.0], 0, [], 0
+
+        def set_hp(self, name, value):
+            self.hps[name] = value
+
+    agents = [Agent() for _ in range(20)]
+    Mutations(no_mutation=0.0, rl_hp=1.0, mutation_sd=0.1, rand_seed=0).mutation(agents)
+    assert all(a.hps["beta"] == 0.0 and a.hps["lr"] != 1e-3 for a in agents)
+    only_beta = Mutations(
+        no_mutation=0.0, rl_hp=1.0, rand_seed=0, hp_config=HyperparameterConfig(beta=RLParameter(1e-4, 0.5, log_scale=True))
+    )
+    with pytest.raises(ValueError, match=r"every gene of agent 0 is a log-scale gene at 0 \(\['beta'\]\)"):
+        only_beta.mutation([Agent()])
