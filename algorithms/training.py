@@ -286,8 +286,8 @@ def finetune_llm_reasoning(
             step_metrics["train/reward_mean"] = sum(means) / len(means)
             step_metrics["data/epoch"] = float(getattr(env, "num_epochs", 0))
             summary = _step_summary(step_metrics, len(pop))
-            if verbose:
-                logger.info("step %d | %s", step, " ".join(f"{k} {v:.3g}" for k, v in summary.items()))
+            # The progress bar shows these; the log line is for runs without a terminal (DEBUG).
+            logger.debug("step %d | %s", step, " ".join(f"{k} {v:.3g}" for k, v in summary.items()))
 
             if step % evaluation_interval == 0 or step == max_steps or (evolve and step % evo_steps == 0):
                 _evaluate(pop, env, step, run, eval_problems)
