@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.workload import Workload, digit_reward, load, lora, messages
+from benchmarks.workload import Workload, digit_reward, encode_prompts, load, lora
 
 logger = logging.getLogger("benchmarks.ablation")
 
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         max_output_tokens=work.max_new_tokens, lr=work.lr, beta=work.beta, loss_type="grpo", temperature=1.0,
         device="cpu", seed=work.seed,
     )  # fmt: skip
-    encoded = []
-    for i in range(8):
-        ids = tok.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True, return_dict=True)
-        t = torch.tensor([ids["input_ids"]], dtype=torch.long)
-        encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    encoded = encode_prompts(tok, 8)
     times: dict[str, dict[str, list[float]]] = {c: {} for c in CONFIGS}
     for step in range(args.steps + 1):
         order = CONFIGS[step % len(CONFIGS) :] + CONFIGS[: step % len(CONFIGS)]

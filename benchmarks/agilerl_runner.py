@@ -14,14 +14,13 @@ import time
 import torch
 
 from benchmarks.workload import (
-    PROMPTS,
     RunResult,
     Workload,
     _sizes,
     digit_reward,
+    encode_prompts,
     load,
     lora,
-    messages,
     peak_rss_mib,
     rss_mib,
 )
@@ -52,11 +51,7 @@ def run_agilerl(work: Workload) -> RunResult:
         max_model_len=512, device="cpu", seed=work.seed, use_liger_loss=False,
     )  # fmt: skip
     torch.set_num_threads(work.threads)
-    encoded = []
-    for i in range(len(PROMPTS)):
-        ids = tok.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True, return_dict=True)
-        t = torch.tensor([ids["input_ids"]], dtype=torch.long)
-        encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    encoded = encode_prompts(tok)
     result.prompt_tokens = sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)
     result.base_rss_mib = rss_mib()
     for step in range(work.warmup + work.steps):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.workload import PROMPTS, Workload, load, lora, messages, peak_rss_mib, rss_mib
+from benchmarks.workload import Workload, encode_prompts, load, lora, peak_rss_mib, rss_mib
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,12 +52,7 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
             agents.append(GRPO(copy.deepcopy(model), **kwargs))
         else:
             agents.append(agents[0].clone(index=i))
-    prompts = []
-    for i in range(4):
-        ids = tok.apply_chat_template(messages(i % len(PROMPTS)), add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)  # fmt: skip
-        t = torch.tensor([ids["input_ids"]])
-        prompts.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    prompts = encode_prompts(tok, 4)
     for agent in agents:
         ids, masks = agent.get_action(prompts)
         agent.learn((ids, masks, torch.rand(len(prompts), 8)))

@@ -132,6 +132,16 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
 
 
+def encode_prompts(tok: Any, count: int = len(PROMPTS)) -> list[dict[str, Any]]:
+    """The first ``count`` prompts (cycling) as ReasoningGym-style dicts of ``[1, L]`` ids and mask."""
+    encoded = []
+    for i in range(count):
+        ids = tok.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True, return_dict=True)
+        t = torch.tensor([ids["input_ids"]], dtype=torch.long)
+        encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    return encoded
+
+
 def load(work: Workload) -> tuple[Any, Any, str]:
     """Set threads and seed, then load the preset's model (fp32) and tokenizer from the local folder.
 
@@ -188,11 +198,7 @@ def run_llm_gym(work: Workload, **agent_kwargs: Any) -> RunResult:
         max_output_tokens=work.max_new_tokens, lr=work.lr, beta=work.beta, loss_type="grpo", temperature=1.0,
         device="cpu", seed=work.seed, **agent_kwargs,
     )  # fmt: skip
-    encoded = []
-    for i in range(len(PROMPTS)):
-        ids = tok.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True, return_dict=True)
-        t = torch.tensor([ids["input_ids"]], dtype=torch.long)
-        encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t)})
+    encoded = encode_prompts(tok)
     result.prompt_tokens = sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)
     result.base_rss_mib = rss_mib()
     for step in range(work.warmup + work.steps):
