@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from llm_gym.algorithms.decoding import accepts_logits_to_keep, base_model_only
+from llm_gym.algorithms.evaluation import held_out_metrics
 from llm_gym.algorithms.generation import (
     HFGenerationBackend,
     MiniBatch,
@@ -499,28 +500,7 @@ class GRPO:
             The fitness, also appended to ``self.fitness``; the weighted mean of the env's
             ``last_metrics()`` is stored in ``self.last_eval``.
         """
-        total = env.num_problems("test")
-        if max_problems is not None:
-            total = min(total, max_problems)
-        sums: dict[str, float] = {}
-        seen = 0
-        with env.eval_mode():
-            prompts = env.reset(reset_dataloaders=True)
-            while True:
-                completions, _ = self.get_action(prompts, training=False)
-                seen += len(prompts)
-                done = seen >= total
-                if done and hasattr(env, "score"):
-                    env.score(completions)  # the last batch: score it without drawing another
-                else:
-                    prompts_next, _ = env.step(completions)
-                for key, value in env.last_metrics().items():
-                    sums[key] = sums.get(key, 0.0) + value * (1.0 if key == "reward/failures" else len(completions))
-                if done:
-                    break
-                prompts = prompts_next
-        self.last_eval = {k: (v if k == "reward/failures" else v / seen) for k, v in sums.items()}
-        self.last_eval["problems"] = float(seen)
+        self.last_eval = held_out_metrics(self, env, max_problems)
         score = self.last_eval.get("reward/total", math.nan)
         self.fitness.append(score)
         return score

@@ -29,26 +29,14 @@ from typing import Any
 import torch
 
 from benchmarks.learning import RESULTS, LearningConfig, build_agent_and_env, peak_rss_mib, sft_model
+from llm_gym.algorithms.evaluation import held_out_metrics
 
 logger = logging.getLogger("benchmarks.evolution")
 
 
 def sampled_reward(agent: Any, env: Any) -> float:
     """Mean total reward of ``group_size`` completions sampled per held-out problem."""
-    total, count = 0.0, 0
-    with env.eval_mode():
-        prompts = env.reset(reset_dataloaders=True)
-        while True:
-            completions, _ = agent.get_action(prompts, training=True)
-            count += len(prompts)
-            last = count >= env.num_problems("test")
-            if last:
-                rewards = env.score(completions)
-            else:
-                prompts, rewards = env.step(completions)
-            total += float(rewards.sum())
-            if last:
-                return total / (count * agent.group_size)
+    return held_out_metrics(agent, env, greedy=False)["reward/total"]
 
 
 def held_out(agent: Any, env: Any) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llm_gym.algorithms.evaluation import held_out_metrics
 from llm_gym.algorithms.grpo import GRPO
 from llm_gym.algorithms.sft import SFTConfig, oracle_examples, train_sft
 from llm_gym.reasoning_gym import ReasoningGym
@@ -47,19 +48,7 @@ def _held_out_reward(agent: GRPO, env: ReasoningGym) -> float:
     every problem, so its format reward flips between 0 and 1 for all problems at once; the
     sampled mean measures the policy's expected reward and moves smoothly.
     """
-    total, count = 0.0, 0
-    with env.eval_mode():
-        prompts = env.reset(reset_dataloaders=True)
-        while True:
-            completions, _ = agent.get_action(prompts, training=True)
-            count += len(prompts)
-            last = count >= env.num_problems("test")
-            rewards = env.score(completions) if last else None
-            if rewards is None:
-                prompts, rewards = env.step(completions)
-            total += float(rewards.sum())
-            if last:
-                return total / (count * agent.group_size)
+    return held_out_metrics(agent, env, greedy=False)["reward/total"]
 
 
 @pytest.mark.usefixtures("one_thread")
