@@ -9,7 +9,6 @@ sampling); liger kernels are off (not installable on this CPU machine).
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
@@ -17,12 +16,9 @@ from benchmarks.workload import (
     RunResult,
     Workload,
     _sizes,
-    digit_reward,
-    encode_prompts,
     load,
     lora,
-    peak_rss_mib,
-    rss_mib,
+    time_agent_steps,
 )
 
 
@@ -51,20 +47,4 @@ def run_agilerl(work: Workload) -> RunResult:
         max_model_len=512, device="cpu", seed=work.seed, use_liger_loss=False,
     )  # fmt: skip
     torch.set_num_threads(work.threads)
-    encoded = encode_prompts(tok)
-    result.prompt_tokens = sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)
-    result.base_rss_mib = rss_mib()
-    for step in range(work.warmup + work.steps):
-        prompts = [dict(encoded[(step * work.prompts_per_step + j) % len(encoded)]) for j in range(work.prompts_per_step)]
-        lengths = [p["input_ids"].shape[1] for p in prompts]
-        start = time.perf_counter()
-        ids, masks = agent.get_action(prompts)[:2]
-        texts = [tok.batch_decode(i[:, n:], skip_special_tokens=True) for i, n in zip(ids, lengths, strict=True)]
-        rewards = torch.tensor([digit_reward(t) for t in texts])  # [P, G]
-        agent.learn((ids, masks, rewards))
-        elapsed = time.perf_counter() - start
-        if step >= work.warmup:
-            result.step_seconds.append(elapsed)
-            result.generated_tokens.append(int(sum(int(m.sum()) for m in masks)))
-    result.peak_rss_mib = peak_rss_mib()
-    return result
+    return time_agent_steps(agent, tok, work, result)

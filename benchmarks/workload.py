@@ -198,13 +198,22 @@ def run_llm_gym(work: Workload, **agent_kwargs: Any) -> RunResult:
         max_output_tokens=work.max_new_tokens, lr=work.lr, beta=work.beta, loss_type="grpo", temperature=1.0,
         device="cpu", seed=work.seed, **agent_kwargs,
     )  # fmt: skip
+    return time_agent_steps(agent, tok, work, result)
+
+
+def time_agent_steps(agent: Any, tok: Any, work: Workload, result: RunResult) -> RunResult:
+    """Time ``warmup + steps`` GRPO steps (generate, score, learn) of an agent with the GRPO API.
+
+    Shared by llm-gym's and AgileRL's agents, which take the same ``get_action``/``learn`` calls.
+    Each step gets fresh prompt dicts (AgileRL writes into them).
+    """
     encoded = encode_prompts(tok)
     result.prompt_tokens = sum(e["input_ids"].shape[1] for e in encoded) / len(encoded)
     result.base_rss_mib = rss_mib()
     for step in range(work.warmup + work.steps):
-        prompts = [encoded[(step * work.prompts_per_step + j) % len(encoded)] for j in range(work.prompts_per_step)]
+        prompts = [dict(encoded[(step * work.prompts_per_step + j) % len(encoded)]) for j in range(work.prompts_per_step)]
         start = time.perf_counter()
-        ids, masks = agent.get_action(prompts)
+        ids, masks = agent.get_action(prompts)[:2]
         texts = [tok.batch_decode(i[:, p["input_ids"].shape[1] :], skip_special_tokens=True)
                  for i, p in zip(ids, prompts, strict=True)]  # completions only  # fmt: skip
         rewards = torch.tensor([digit_reward(t) for t in texts])  # [P, G]
