@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.decoding import accepts_logits_to_keep, base_model_only
+from llm_gym.algorithms.completion_logps import completion_logps
+from llm_gym.algorithms.decoding import base_model_only
 from llm_gym.algorithms.evaluation import held_out_metrics
 from llm_gym.algorithms.generation import (
     HFGenerationBackend,
@@ -44,7 +45,7 @@ from llm_gym.algorithms.grpo_config import (
     default_lora_config,
     resolve_device,
 )
-from llm_gym.algorithms.loss import group_advantages, grpo_loss, selective_log_softmax, token_entropy
+from llm_gym.algorithms.loss import group_advantages, grpo_loss
 
 __all__ = ["GRPO", "GRPOHyperParams"]
 
@@ -77,6 +78,11 @@ class GRPO:
         eos_token_id: Id(s) that end a completion; default the model's generation config.
         adapter_name: Name of this agent's adapter in the (possibly shared) PEFT model.
         index: The agent's id in a population (kept in checkpoints and lineage).
+
+    Attributes:
+        share_prompt_forward: In :meth:`learn`, run each prompt once per mini-batch and share its KV
+            cache across the group's completions (:mod:`~llm_gym.algorithms.completion_logps`).
+            True by default; the result equals the per-row pass up to float rounding.
 
     Raises:
         ValueError: On a bad hyper-parameter, a missing model or a bad ``pad_token_id``.
@@ -163,6 +169,7 @@ class GRPO:
         self.skipped_updates = 0
         self._budget_warned = False
         self._weights_dirty = True
+        self.share_prompt_forward = True
         if use_vllm:
             from llm_gym.algorithms.vllm_backend import VLLMBackend, VLLMConfig
 
@@ -351,12 +358,7 @@ class GRPO:
 
     # ----------------------------------------------------------------- update
     def _logps(self, mb: MiniBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        keep = {"logits_to_keep": mb.ids.shape[1] - mb.first} if accepts_logits_to_keep(self.model) else {}
-        logits = self.model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False, **keep).logits
-        logits = logits[:, mb.first - mb.ids.shape[1] : -1]  # [b, t, V]: position t predicts token t + 1
-        targets = mb.ids[:, mb.first + 1 :]  # [b, t]
-        logp = selective_log_softmax(logits, targets)  # [b, t]
-        return logp, (token_entropy(logits.detach()) if entropy else None)
+        return completion_logps(self.model, mb, entropy=entropy, share_prompt=self.share_prompt_forward)
 
     @torch.no_grad()
     def _frozen_logps(self, batches: list[MiniBatch], reference: bool) -> list[Tensor]:

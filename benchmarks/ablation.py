@@ -12,9 +12,10 @@ Configurations switch the optimisations of :mod:`llm_gym.algorithms.decoding` on
   for every position (the state before the optimisations);
 * ``lean``: the lean decoding loop (shared prefill, own sampling, finished rows dropped, own mask);
 * ``lean+merge``: and merged LoRA weights while decoding;
-* ``all``: and the update's forward passes without a padding mask (rows are right-padded:
-  SDPA's causal kernel), logits only for the completion window, and the reference pass on the
-  swapped-in base layers.
+* ``window``: and the update computes logits only for the completion window, with the reference
+  pass on the swapped-in base layers;
+* ``shared-prompt``: and each prompt's forward in the update runs once per group, its KV cache
+  shared by the group's completions (:mod:`llm_gym.algorithms.completion_logps`): the default.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from benchmarks.workload import Workload, digit_reward, encode_prompts, load, lo
 
 logger = logging.getLogger("benchmarks.ablation")
 
-CONFIGS = ("generate", "lean", "lean+merge", "all")
+CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt")
 
 
 def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,16 +54,17 @@ def configured(agent: Any, name: str) -> Iterator[None]:
     from llm_gym.algorithms import grpo
 
     backend = agent.backend
-    saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only)
+    saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward)
     backend.use_generate = name == "generate"
-    backend.merge_lora = name in ("lean+merge", "all")
-    if name != "all":
+    backend.merge_lora = name in ("lean+merge", "window", "shared-prompt")
+    agent.share_prompt_forward = name == "shared-prompt"
+    if name not in ("window", "shared-prompt"):
         grpo.base_model_only = lambda model: model.disable_adapter()
         agent._logps = lambda mb, entropy=False: _logps_before(agent, mb, entropy)
     try:
         yield
     finally:
-        backend.use_generate, backend.merge_lora, grpo.base_model_only = saved
+        backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward = saved
         agent.__dict__.pop("_logps", None)
 
 

@@ -40,15 +40,22 @@ def _experience(agent, rewards=None):
 
 
 class _ForwardCounter:
-    """Counts forward passes of the inner transformer (policy, reference and old passes alike)."""
+    """Counts passes over the completions (policy, reference and old passes alike).
+
+    With the prompt forward shared across a group (the default) a pass is two calls of the inner
+    transformer: the prompts alone into an empty KV cache, then the completions on top of it. Only
+    the second is counted, so one pass counts once either way.
+    """
 
     def __init__(self, agent):
         self.calls = 0
         inner = agent.model.get_base_model()
-        self.handle = inner.register_forward_hook(self._hook)
+        self.handle = inner.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, *args):
-        self.calls += 1
+    def _hook(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() > 0:
+            self.calls += 1
 
 
 # ------------------------------------------------------------------------------- validation
@@ -230,7 +237,9 @@ def test_beta_zero_skips_tied_groups_without_changing_the_update(loss_type):
     finally:
         hook.remove()
     m_full = full.learn((ids, masks, rewards))
-    assert rows == [8]  # one policy forward of the 2 x 4 rows with a signal; no reference pass
+    # One policy pass over the 2 x 4 rows with a signal (their 2 prompts once, then the 8 completions
+    # on the shared prompt cache); no reference pass.
+    assert rows == [2, 8]
     assert m_skip["grpo/trained_fraction"] == pytest.approx(2 / 3)
     assert m_full["grpo/trained_fraction"] == 1.0
     a, b = _lora(skip), _lora(full)
@@ -329,7 +338,8 @@ def test_checkpoint_round_trip_gives_identical_log_probs(tmp_path):
     with torch.no_grad():
         logits = peft_model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, mb.first : -1]
         logp = torch.log_softmax(logits, -1).gather(-1, mb.ids[:, mb.first + 1 :, None])[..., 0]
-    assert torch.allclose(logp, expected, atol=1e-5)
+    # Compared on the completion tokens: the only log-probs the update computes (and reads).
+    assert torch.allclose(logp[mb.mask], expected[mb.mask], atol=1e-5)
 
     agent.save_checkpoint(tmp_path / "ckpt")  # overwriting an existing checkpoint works
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
