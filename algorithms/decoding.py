@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_gym.algorithms.kv_cache import preallocate
+
 __all__ = [
     "accepts_logits_to_keep",
     "base_model_only",
@@ -184,6 +186,7 @@ def decode(
     top_p: float = 1.0,
     share_prefill: bool = True,
     drop_finished: bool = True,
+    preallocate_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Generate ``group_size`` completions per prompt with a plain KV-cached decoding loop.
@@ -206,6 +209,8 @@ def decode(
         top_p: Nucleus filter (1.0 = off).
         share_prefill: Prefill each prompt once (see :func:`prefill`).
         drop_finished: Remove rows that emitted EOS from the decoding batch.
+        preallocate_cache: Keep the KV cache in buffers sized for the whole run, written in place
+            (:mod:`~llm_gym.algorithms.kv_cache`), instead of concatenating on every step.
         generator: Sampling RNG (None: torch's global RNG).
 
     Returns:
@@ -223,6 +228,8 @@ def decode(
     device = input_ids.device
     eos = torch.tensor(sorted({int(e) for e in eos_token_ids}), dtype=torch.long, device=device)
     cache, logits, attention, position = prefill(model, input_ids, attention_mask, group_size, share=share_prefill)
+    if preallocate_cache:
+        preallocate(cache, attention.shape[1] + max_new_tokens)
     rows = attention.shape[0]
     own_mask = _sdpa_full_attention(model)
     last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}

@@ -419,6 +419,8 @@ class HFGenerationBackend:
         use_generate: Decode with ``model.generate`` rather than the lean loop.
         merge_lora: Lean loop only: decode with merged LoRA weights (a transient copy of the
             adapted linear weights; the trained parameters are untouched).
+        preallocate_cache: Lean loop only: KV cache buffers sized once for the whole run
+            (:mod:`~llm_gym.algorithms.kv_cache`) instead of a concatenation per step.
     """
 
     def __init__(
@@ -429,12 +431,14 @@ class HFGenerationBackend:
         *,
         use_generate: bool = False,
         merge_lora: bool = True,
+        preallocate_cache: bool = True,
     ) -> None:
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = [int(e) for e in eos_token_ids]
         self.use_generate = use_generate
         self.merge_lora = merge_lora
+        self.preallocate_cache = preallocate_cache
 
     def sync(self, agent: Any) -> None:
         """Nothing to do: this backend generates with the training model itself."""
@@ -484,7 +488,7 @@ class HFGenerationBackend:
                 self.model, input_ids, attention, group_size=sampling.group_size,
                 max_new_tokens=sampling.max_new_tokens, eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id, greedy=sampling.greedy, temperature=sampling.temperature,
-                top_k=sampling.top_k, top_p=sampling.top_p,
+                top_k=sampling.top_k, top_p=sampling.top_p, preallocate_cache=self.preallocate_cache,
             )  # fmt: skip
 
     def _hf_generate(self, input_ids: Tensor, attention: Tensor, sampling: SamplingConfig) -> Tensor:

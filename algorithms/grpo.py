@@ -573,20 +573,11 @@ class GRPO:
         Raises:
             ValueError: If the adapter name is already taken.
         """
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+        from llm_gym.algorithms.population import copy_adapter
 
-        if adapter_name is None:
-            adapter_name = f"agent{index}" if index is not None else f"{self.adapter_name}_clone1"
-            k = 1
-            while adapter_name in self.model.peft_config:
-                k += 1
-                adapter_name = f"{self.adapter_name}_clone{k}"
-        if adapter_name in self.model.peft_config:
-            raise ValueError(f"adapter name {adapter_name!r} is already used in this model; pick another")
-        self.model.add_adapter(adapter_name, copy.deepcopy(self.model.peft_config[self.adapter_name]))
-        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
-        set_peft_model_state_dict(self.model, {k: v.clone() for k, v in state.items()}, adapter_name=adapter_name)
-
+        if adapter_name is None and index is not None:
+            adapter_name = f"agent{index}"
+        adapter_name = copy_adapter(self.model, self.adapter_name, adapter_name)
         new = copy.copy(self)
         new.adapter_name = adapter_name
         new.index = self.index if index is None else int(index)

@@ -27,11 +27,42 @@ from llm_gym.algorithms.checkpointing import (
     restore_rng_state,
 )
 
-__all__ = ["create_population", "save_population", "load_population", "STATE_FILE"]
+__all__ = ["create_population", "copy_adapter", "save_population", "load_population", "STATE_FILE"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+
+
+def copy_adapter(model: Any, source: str, target: str | None = None) -> str:
+    """Add a copy of adapter ``source`` to the PEFT ``model`` (same config, cloned tensors).
+
+    Args:
+        model: A ``PeftModel``.
+        source: Name of the adapter to copy.
+        target: Name of the new adapter; default ``"<source>_clone<k>"`` with the first free ``k``.
+
+    Returns:
+        The new adapter's name.
+
+    Raises:
+        ValueError: If ``target`` is already taken.
+    """
+    import copy
+
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if target is None:
+        k = 1
+        while f"{source}_clone{k}" in model.peft_config:
+            k += 1
+        target = f"{source}_clone{k}"
+    if target in model.peft_config:
+        raise ValueError(f"adapter name {target!r} is already used in this model; pick another")
+    model.add_adapter(target, copy.deepcopy(model.peft_config[source]))
+    state = get_peft_model_state_dict(model, adapter_name=source)
+    set_peft_model_state_dict(model, {k: v.clone() for k, v in state.items()}, adapter_name=target)
+    return target
 
 
 def create_population(size: int, **grpo_kwargs: Any) -> list[Any]:

@@ -15,7 +15,9 @@ Configurations switch the optimisations of :mod:`llm_gym.algorithms.decoding` on
 * ``window``: and the update computes logits only for the completion window, with the reference
   pass on the swapped-in base layers;
 * ``shared-prompt``: and each prompt's forward in the update runs once per group, its KV cache
-  shared by the group's completions (:mod:`llm_gym.algorithms.completion_logps`): the default.
+  shared by the group's completions (:mod:`llm_gym.algorithms.completion_logps`);
+* ``prealloc``: and the decoding KV cache lives in buffers allocated once, written in place
+  (:mod:`llm_gym.algorithms.kv_cache`): the default.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from benchmarks.workload import Workload, digit_reward, encode_prompts, load, lo
 
 logger = logging.getLogger("benchmarks.ablation")
 
-CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt")
+CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt", "prealloc")
 
 
 def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -54,17 +56,21 @@ def configured(agent: Any, name: str) -> Iterator[None]:
     from llm_gym.algorithms import grpo
 
     backend = agent.backend
-    saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward)
+    saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,
+             backend.preallocate_cache)  # fmt: skip
+    rank = CONFIGS.index(name)
     backend.use_generate = name == "generate"
-    backend.merge_lora = name in ("lean+merge", "window", "shared-prompt")
-    agent.share_prompt_forward = name == "shared-prompt"
-    if name not in ("window", "shared-prompt"):
+    backend.merge_lora = rank >= CONFIGS.index("lean+merge")
+    agent.share_prompt_forward = rank >= CONFIGS.index("shared-prompt")
+    backend.preallocate_cache = rank >= CONFIGS.index("prealloc")
+    if rank < CONFIGS.index("window"):
         grpo.base_model_only = lambda model: model.disable_adapter()
         agent._logps = lambda mb, entropy=False: _logps_before(agent, mb, entropy)
     try:
         yield
     finally:
-        backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward = saved
+        (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,
+         backend.preallocate_cache) = saved  # fmt: skip
         agent.__dict__.pop("_logps", None)
 
 
@@ -75,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                        help="configurations to compare (the first is the baseline of the last column)")
     args = parser.parse_args(argv)
+    configs = tuple(args.configs)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     from llm_gym.algorithms.grpo import GRPO
@@ -89,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu", seed=work.seed,
     )  # fmt: skip
     encoded = encode_prompts(tok, 8)
-    times: dict[str, dict[str, list[float]]] = {c: {} for c in CONFIGS}
+    times: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     for step in range(args.steps + 1):
-        order = CONFIGS[step % len(CONFIGS) :] + CONFIGS[: step % len(CONFIGS)]
+        order = configs[step % len(configs) :] + configs[: step % len(configs)]
         for name in order:
             prompts = [encoded[(step * 4 + j) % len(encoded)] for j in range(4)]
             with configured(agent, name):
@@ -107,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                                    ("gen_cpu", cpu_mid - cpu_start), ("learn_cpu", cpu_end - cpu_mid),
                                    ("step_cpu", cpu_end - cpu_start)):  # fmt: skip
                     times[name].setdefault(key, []).append(value)
-    base = {k: statistics.median(times["generate"][k]) for k in ("step", "step_cpu")}
+    base = {k: statistics.median(times[configs[0]][k]) for k in ("step", "step_cpu")}
     lines = [
         f"{work.name}, {args.steps} interleaved steps, {args.threads} thread(s); medians in ms, wall clock and "
         f"(in brackets) this process's CPU time, which other jobs on a shared machine disturb less",
         "",
-        "| configuration | generation | update | step | step vs generate |",
+        f"| configuration | generation | update | step | step vs {configs[0]} |",
         "|---|---|---|---|---|",
     ]
-    for name in CONFIGS:
+    for name in configs:
         med = {k: 1000 * statistics.median(v) for k, v in times[name].items()}
         lines.append(
             f"| {name} | {med['gen']:.1f} ({med['gen_cpu']:.1f}) | {med['learn']:.1f} ({med['learn_cpu']:.1f}) | "
