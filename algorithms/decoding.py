@@ -10,8 +10,9 @@ calls per linear layer. For GRPO every prompt is decoded ``G`` times, so this mo
   (:func:`filter_logits`, :func:`next_tokens`), dropping rows from the batch as soon as they emit
   an EOS (:func:`decode`);
 * optionally swaps each LoRA-wrapped linear layer for a plain ``nn.Linear`` holding the merged
-  weight ``W + scale * B @ A`` while decoding (:func:`merged_lora`): one matmul and no wrapper per
-  layer. The trainable parameters are never touched; the merged copies are dropped afterwards.
+  weight ``W + scale * B @ A`` while decoding (:func:`~llm_gym.algorithms.lora_swap.merged_lora`,
+  re-exported here): one matmul and no wrapper per layer. The trainable parameters are never
+  touched; the merged copies are dropped afterwards.
 
 Position ids and masks follow ``generate``: positions count real tokens (``cumsum - 1``, 0 on
 the left padding) and the 2-D attention mask grows by one column per step, so greedy decoding
@@ -20,17 +21,17 @@ gives the same tokens as ``model.generate(do_sample=False)``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from llm_gym.algorithms.kv_cache import preallocate
+from llm_gym.algorithms.lora_swap import base_model_only, merged_lora
 
 __all__ = [
     "accepts_logits_to_keep",
@@ -315,107 +316,3 @@ def _sdpa_full_attention(model: Any) -> bool:
         return False
     types = getattr(text, "layer_types", None)
     return types is None or all(t == "full_attention" for t in types)
-
-
-def _lora_layers(model: Any) -> tuple[list[tuple[Any, str, Any]], bool]:
-    """PEFT LoRA ``Linear`` layers that can run as plain linears, and whether they are all the adapters.
-
-    Returns:
-        ``(found, complete)``: ``(parent, attribute, layer)`` for each mergeable LoRA ``Linear``;
-        ``complete`` is False when the model holds other PEFT layers (DoRA, LoRA bias, other tuner
-        types, ``modules_to_save`` / trainable-token wrappers) that a swap would not cover.
-    """
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return [], True
-    found, complete = [], True
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is LoraLinear and _mergeable(child):
-                found.append((parent, name, child))
-            elif isinstance(child, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-                complete = False
-    return found, complete
-
-
-def _mergeable(layer: Any) -> bool:
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    return (
-        isinstance(layer.base_layer, torch.nn.Linear)
-        and not any(layer.use_dora.get(a, False) for a in adapters)
-        and not any(getattr(layer, "lora_bias", {}).get(a, False) for a in adapters)
-        and layer.base_layer.weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    )
-
-
-def _merged_linear(layer: Any) -> torch.nn.Linear:
-    """A plain ``nn.Linear`` computing what ``layer`` computes now, with ``W + sum_a scale_a B_a A_a``."""
-    base = layer.base_layer
-    weight = base.weight.detach()
-    if not layer.disable_adapters and not layer.merged:
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
-                weight = weight + layer.get_delta_weight(adapter).detach().to(weight.dtype)
-    plain = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
-    plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-    plain.bias = base.bias  # shared, not copied
-    return plain
-
-
-@contextlib.contextmanager
-def merged_lora(model: Any) -> Iterator[int]:
-    """Temporarily replace each LoRA ``Linear`` by a plain ``nn.Linear`` with the merged weight.
-
-    The merged weight is a new tensor ``W + sum_a scale_a * B_a @ A_a`` over the active adapters
-    (``W`` alone while adapters are disabled); the base weight, bias and adapter parameters
-    are not modified, and the original modules are put back on exit, even on error. Layers PEFT
-    cannot merge this way (DoRA, LoRA bias, quantized bases) are left wrapped. Use only under
-    ``torch.no_grad()``: the merged copies do not track gradients.
-
-    Args:
-        model: Any module; without LoRA layers this is a no-op.
-
-    Yields:
-        How many layers were swapped.
-    """
-    swapped = []
-    try:
-        for parent, name, layer in _lora_layers(model)[0]:
-            setattr(parent, name, _merged_linear(layer))
-            swapped.append((parent, name, layer))
-        yield len(swapped)
-    finally:
-        for parent, name, layer in reversed(swapped):
-            setattr(parent, name, layer)
-
-
-@contextlib.contextmanager
-def base_model_only(model: Any) -> Iterator[None]:
-    """Run a PEFT model as its base model (the GRPO reference policy), with the least overhead.
-
-    Each LoRA ``Linear`` is temporarily replaced by its own ``base_layer`` (the very module PEFT
-    calls when adapters are disabled, so outputs are identical), which skips PEFT's per-layer
-    wrapper and its ``disable_adapter`` walk over all modules. Models holding PEFT layers a swap
-    cannot cover fall back to ``model.disable_adapter()``.
-
-    Args:
-        model: A ``PeftModel``.
-
-    Yields:
-        Nothing; the model is restored on exit, even on error.
-    """
-    found, complete = _lora_layers(model)
-    if not complete or not found:
-        with model.disable_adapter():
-            yield
-        return
-    try:
-        for parent, name, layer in found:
-            setattr(parent, name, layer.base_layer)
-        yield
-    finally:
-        for parent, name, layer in reversed(found):
-            setattr(parent, name, layer)

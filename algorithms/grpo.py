@@ -15,6 +15,7 @@ full fine-tuning's ~1e-6), ``beta=0.04``, ``clip_coef=0.2``, ``group_size=8``, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor
 
 from llm_gym.algorithms.completion_logps import completion_logps
-from llm_gym.algorithms.decoding import base_model_only
 from llm_gym.algorithms.evaluation import held_out_metrics
 from llm_gym.algorithms.generation import (
     HFGenerationBackend,
@@ -45,6 +45,7 @@ from llm_gym.algorithms.grpo_config import (
     default_lora_config,
     resolve_device,
 )
+from llm_gym.algorithms.lora_swap import base_model_only, fused_lora
 from llm_gym.algorithms.loss import group_advantages, grpo_loss
 
 __all__ = ["GRPO", "GRPOHyperParams"]
@@ -83,6 +84,8 @@ class GRPO:
         share_prompt_forward: In :meth:`learn`, run each prompt once per mini-batch and share its KV
             cache across the group's completions (:mod:`~llm_gym.algorithms.completion_logps`).
             True by default; the result equals the per-row pass up to float rounding.
+        fuse_lora: In :meth:`learn`'s policy pass, run plain LoRA layers as one in-place ``addmm``
+            per layer (:func:`~llm_gym.algorithms.lora_swap.fused_lora`); True by default.
 
     Raises:
         ValueError: On a bad hyper-parameter, a missing model or a bad ``pad_token_id``.
@@ -170,6 +173,7 @@ class GRPO:
         self._budget_warned = False
         self._weights_dirty = True
         self.share_prompt_forward = True
+        self.fuse_lora = True
         if use_vllm:
             from llm_gym.algorithms.vllm_backend import VLLMBackend, VLLMConfig
 
@@ -431,38 +435,40 @@ class GRPO:
         entropy_sum, entropy_tokens = 0.0, 0
         params = self._adapter_params()
         self.model.train()
-        for epoch in range(self.hps.update_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for mb, weight, adv, ref_logp, old_logp in zip(batches, weights, advs, ref, old, strict=True):
-                logp, ent = self._logps(mb, entropy=epoch == 0)
-                out = grpo_loss(
-                    logp, old_logp, ref_logp, adv, mb.mask, beta=self.hps.beta,
-                    clip_low=self.hps.clip_low, clip_high=self.hps.clip_high, loss_type=self.hps.loss_type,
-                    max_completion_length=self.hps.max_output_tokens,
-                )  # fmt: skip
-                if not torch.isfinite(out.loss):
-                    finite = False
-                    break
-                (out.loss * weight).backward()
-                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + value * weight / self.hps.update_epochs
-                if ent is not None:
-                    entropy_sum += float(ent[mb.mask].sum())
-                    entropy_tokens += int(mb.mask.sum())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.hps.max_grad_norm)) if finite else math.nan
-            if not finite or not math.isfinite(grad_norm):
-                skipped += 1
+        fused = fused_lora(self.model) if self.fuse_lora else contextlib.nullcontext()
+        with fused:  # the LoRA layers as in-place addmm for forward and backward (lora_swap)
+            for epoch in range(self.hps.update_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                warnings.warn(
-                    f"GRPO update skipped at step {self.steps} (epoch {epoch}): non-finite "
-                    f"{'loss' if not finite else 'gradient norm'}; counted in grpo/skipped_updates",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                continue
-            grad_norms.append(grad_norm)
-            self.optimizer.step()
+                finite = True
+                for mb, weight, adv, ref_logp, old_logp in zip(batches, weights, advs, ref, old, strict=True):
+                    logp, ent = self._logps(mb, entropy=epoch == 0)
+                    out = grpo_loss(
+                        logp, old_logp, ref_logp, adv, mb.mask, beta=self.hps.beta,
+                        clip_low=self.hps.clip_low, clip_high=self.hps.clip_high, loss_type=self.hps.loss_type,
+                        max_completion_length=self.hps.max_output_tokens,
+                    )  # fmt: skip
+                    if not torch.isfinite(out.loss):
+                        finite = False
+                        break
+                    (out.loss * weight).backward()
+                    for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                        sums[key] = sums.get(key, 0.0) + value * weight / self.hps.update_epochs
+                    if ent is not None:
+                        entropy_sum += float(ent[mb.mask].sum())
+                        entropy_tokens += int(mb.mask.sum())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.hps.max_grad_norm)) if finite else math.nan
+                if not finite or not math.isfinite(grad_norm):
+                    skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    warnings.warn(
+                        f"GRPO update skipped at step {self.steps} (epoch {epoch}): non-finite "
+                        f"{'loss' if not finite else 'gradient norm'}; counted in grpo/skipped_updates",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                grad_norms.append(grad_norm)
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         self.skipped_updates += skipped
@@ -575,8 +581,8 @@ class GRPO:
         """
         from llm_gym.algorithms.population import copy_adapter
 
-        if adapter_name is None and index is not None:
-            adapter_name = f"agent{index}"
+        if adapter_name is None and index is not None and f"agent{index}" not in self.model.peft_config:
+            adapter_name = f"agent{index}"  # else the first free "<name>_clone<k>"
         adapter_name = copy_adapter(self.model, self.adapter_name, adapter_name)
         new = copy.copy(self)
         new.adapter_name = adapter_name

@@ -17,7 +17,9 @@ Configurations switch the optimisations of :mod:`llm_gym.algorithms.decoding` on
 * ``shared-prompt``: and each prompt's forward in the update runs once per group, its KV cache
   shared by the group's completions (:mod:`llm_gym.algorithms.completion_logps`);
 * ``prealloc``: and the decoding KV cache lives in buffers allocated once, written in place
-  (:mod:`llm_gym.algorithms.kv_cache`): the default.
+  (:mod:`llm_gym.algorithms.kv_cache`);
+* ``fused-lora``: and the policy pass runs LoRA layers as one in-place ``addmm`` each
+  (:func:`llm_gym.algorithms.lora_swap.fused_lora`): the default.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from benchmarks.workload import Workload, digit_reward, encode_prompts, load, lo
 
 logger = logging.getLogger("benchmarks.ablation")
 
-CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt", "prealloc")
+CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt", "prealloc", "fused-lora")
 
 
 def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -57,12 +59,13 @@ def configured(agent: Any, name: str) -> Iterator[None]:
 
     backend = agent.backend
     saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,
-             backend.preallocate_cache)  # fmt: skip
+             backend.preallocate_cache, agent.fuse_lora)  # fmt: skip
     rank = CONFIGS.index(name)
     backend.use_generate = name == "generate"
     backend.merge_lora = rank >= CONFIGS.index("lean+merge")
     agent.share_prompt_forward = rank >= CONFIGS.index("shared-prompt")
     backend.preallocate_cache = rank >= CONFIGS.index("prealloc")
+    agent.fuse_lora = rank >= CONFIGS.index("fused-lora")
     if rank < CONFIGS.index("window"):
         grpo.base_model_only = lambda model: model.disable_adapter()
         agent._logps = lambda mb, entropy=False: _logps_before(agent, mb, entropy)
@@ -70,7 +73,7 @@ def configured(agent: Any, name: str) -> Iterator[None]:
         yield
     finally:
         (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,
-         backend.preallocate_cache) = saved  # fmt: skip
+         backend.preallocate_cache, agent.fuse_lora) = saved  # fmt: skip
         agent.__dict__.pop("_logps", None)
 
 

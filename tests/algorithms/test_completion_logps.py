@@ -116,13 +116,14 @@ def test_shared_prompt_computes_each_prompt_once():
     assert shared < plain
 
 
-def test_learn_is_unchanged_by_prompt_sharing():
-    """One full update with and without sharing moves the LoRA weights to the same place."""
+@pytest.mark.parametrize("switch", ["share_prompt_forward", "fuse_lora"])
+def test_learn_is_unchanged_by_the_update_optimisations(switch):
+    """One full update with the optimisation off and on moves the LoRA weights to the same place."""
     prompts = PROMPTS[:2]
     weights = {}
     for share in (False, True):
         agent = _agent_with_lora()
-        agent.share_prompt_forward = share
+        setattr(agent, switch, share)
         torch.manual_seed(3)
         ids, masks = agent.get_action(prompts)
         rewards = torch.arange(len(prompts) * agent.group_size, dtype=torch.float32).reshape(len(prompts), -1)
