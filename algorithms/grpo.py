@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from llm_gym.algorithms.completion_logps import completion_logps
+from llm_gym.algorithms.cpu_allocator import retain_freed_memory
 from llm_gym.algorithms.evaluation import held_out_metrics
 from llm_gym.algorithms.generation import (
     HFGenerationBackend,
@@ -140,6 +141,8 @@ class GRPO:
         self.max_model_len = max_model_len
         self.accelerator = accelerator
         self.device = resolve_device(device, accelerator)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # large activations reused, not page-faulted anew each step (cpu_allocator)
         self.adapter_name = adapter_name
         self.use_vllm = use_vllm
         self.vllm_config = vllm_config

@@ -60,11 +60,14 @@ def matmul_rate(threads: int, size: int = 512, seconds: float = 1.0) -> float:
 
 
 def step_flops(params_matmul: int, prompt_tokens: float, work: Workload, generated: float) -> float:
-    """Model FLOPs of one GRPO step (``2 N`` per token forward; attention and the LoRA terms ignored).
+    """Model FLOPs one GRPO step needs (``2 N`` per token forward; attention and the LoRA terms ignored).
 
-    Generation: prefill of ``P * G`` prompt copies plus one forward per generated token. Update:
-    reference forward (``2N``), policy forward (``2N``) and its backward to the activations
-    (``2N``: the frozen base needs no weight gradients) over prompt + completion tokens.
+    The work that must be done, counted the same for every framework: each of the ``P`` prompts
+    once (not once per group member: a framework that recomputes it ``G`` times does more work
+    than the step needs) and every generated token. Generation: prefill of the ``P`` prompts plus
+    one forward per generated token. Update: reference forward (``2N``), policy forward (``2N``)
+    and its backward to the activations (``2N``: the frozen base needs no weight gradients) over
+    the prompts and the completions.
 
     Args:
         params_matmul: Parameters taking part in matmuls (transformer blocks + LM head).
@@ -75,9 +78,8 @@ def step_flops(params_matmul: int, prompt_tokens: float, work: Workload, generat
     Returns:
         FLOPs.
     """
-    rows = work.prompts_per_step * work.group_size
-    seq_tokens = rows * prompt_tokens + generated
-    generation = 2 * params_matmul * (rows * prompt_tokens + generated)
+    seq_tokens = work.prompts_per_step * prompt_tokens + generated
+    generation = 2 * params_matmul * seq_tokens
     update = (2 + 2 + (2 if work.beta > 0 else 0)) * params_matmul * seq_tokens
     return generation + update
 
@@ -99,9 +101,21 @@ def worker(framework: str, work: Workload) -> RunResult:
         return RunResult(framework, dataclasses.asdict(work), error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-def spawn(framework: str, work: Workload, timeout: float) -> RunResult:
+ALLOCATORS = {
+    "as-shipped": {},
+    "glibc-default": {"LLM_GYM_CPU_ALLOCATOR": "default"},
+    "retain-all": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:"
+                                     "glibc.malloc.top_pad=2147483647"},
+}
+"""C allocator set-ups: each framework as it ships (llm-gym makes glibc keep freed memory on CPU,
+see ``llm_gym.algorithms.cpu_allocator``); everyone on glibc's defaults; everyone keeping freed
+memory (the same settings through glibc's environment tunables, so the peers get them too)."""
+
+
+def spawn(framework: str, work: Workload, timeout: float, allocator: str = "as-shipped") -> RunResult:
     """Run :func:`worker` in a fresh interpreter and parse its JSON."""
     env = dict(os.environ, OMP_NUM_THREADS=str(work.threads), MKL_NUM_THREADS=str(work.threads))
+    env.update(ALLOCATORS[allocator])
     if framework == "agilerl" and os.environ.get("AGILERL_PATH"):
         env["PYTHONPATH"] = os.pathsep.join([os.environ["AGILERL_PATH"], env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "benchmarks.grpo_step", "--worker", framework,
@@ -154,7 +168,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"GRPO step, {meta['prompts_per_step']} prompts x group {meta['group_size']}, LoRA r16, fp32, "
         f"{meta['threads']} torch thread(s), {meta['steps']} timed steps x {meta['rounds']} round(s) after "
-        f"{meta['warmup']} warm-up; machine: {meta['machine']}, matmul {meta['matmul_gflops']:.1f} GFLOP/s.",
+        f"{meta['warmup']} warm-up; machine: {meta['machine']}, matmul {meta['matmul_gflops']:.1f} GFLOP/s; "
+        f"C allocator: {meta.get('allocator', 'as-shipped')}. util. = the FLOPs the step needs (each prompt once) "
+        "/ step time / matmul rate.",
         "",
         "| workload | framework | median step (s) | gen tok/s | peak RSS (MiB) | step RSS (MiB) | util. | "
         "llm-gym / peer |",
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker")
+    parser.add_argument("--allocator", default="as-shipped", choices=list(ALLOCATORS),
+                        help="C allocator set-up of every worker (see ALLOCATORS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = matmul_rate(args.threads)
     meta = {
         "prompts_per_step": 4, "group_size": 8, "threads": args.threads, "steps": args.steps,
-        "rounds": args.rounds, "warmup": args.warmup, "matmul_gflops": rate / 1e9,
+        "rounds": args.rounds, "warmup": args.warmup, "matmul_gflops": rate / 1e9, "allocator": args.allocator,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }  # fmt: skip
     rows, raw = [], []
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 order = args.frameworks if rnd % 2 == 0 else list(reversed(args.frameworks))
                 for fw in order:
-                    result = spawn(fw, work, args.timeout)
+                    result = spawn(fw, work, args.timeout, args.allocator)
                     logger.info("%s %s round %d: %s", work.name, fw, rnd,
                                 result.error or [round(s, 3) for s in result.step_seconds])  # fmt: skip
                     runs.append(result)
