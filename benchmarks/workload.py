@@ -192,11 +192,12 @@ def run_llm_gym(work: Workload, **agent_kwargs: Any) -> RunResult:
 
     model, tok, _ = load(work)
     result = RunResult("llm-gym", dataclasses.asdict(work), **_sizes(model))
+    # batch_size (rows per update forward/backward; generation is one batch of all P x G rows
+    # whatever it is) stays at llm-gym's default of 16 unless an ablation sets it.
     agent = GRPO(
         model, pad_token_id=tok.pad_token_id, pad_token=tok.pad_token, lora_config=lora(work),
-        batch_size=work.prompts_per_step * work.group_size, group_size=work.group_size,
-        max_output_tokens=work.max_new_tokens, lr=work.lr, beta=work.beta, loss_type="grpo", temperature=1.0,
-        device="cpu", seed=work.seed, **agent_kwargs,
+        group_size=work.group_size, max_output_tokens=work.max_new_tokens, lr=work.lr, beta=work.beta,
+        loss_type="grpo", temperature=1.0, device="cpu", seed=work.seed, **agent_kwargs,
     )  # fmt: skip
     return time_agent_steps(agent, tok, work, result)
 
