@@ -42,6 +42,7 @@ from llm_gym.algorithms.generation import (
 )
 from llm_gym.algorithms.grpo_config import (
     GRPOHyperParams,
+    check_pad_token_id,
     clip_pair,
     default_lora_config,
     resolve_device,
@@ -161,7 +162,7 @@ class GRPO:
             if dtype is None:
                 dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        self.pad_token_id, self.pad_token = self._check_pad(model, pad_token_id, pad_token)
+        self.pad_token_id, self.pad_token = check_pad_token_id(model, pad_token_id), pad_token
         self.model = self._wrap_peft(model, lora_config).to(self.device)
         self.eos_token_ids = self._resolve_eos(eos_token_id)
         self._activate()
@@ -198,21 +199,6 @@ class GRPO:
                 f"the model must be a causal LM with generate() (e.g. AutoModelForCausalLM), got {type(model).__name__}"
             )
         return get_peft_model(model, lora_config or default_lora_config(), adapter_name=self.adapter_name)
-
-    @staticmethod
-    def _check_pad(model: Any, pad_token_id: int | None, pad_token: str | None) -> tuple[int, str | None]:
-        vocab = model.get_input_embeddings().num_embeddings
-        if pad_token_id is None:
-            raise ValueError(
-                "pad_token_id is None: GRPO pads prompts of different lengths into one batch and needs a padding "
-                "id. Set tokenizer.pad_token = tokenizer.eos_token and pass pad_token_id=tokenizer.pad_token_id"
-            )
-        if not 0 <= int(pad_token_id) < vocab:
-            raise ValueError(
-                f"pad_token_id={pad_token_id} is outside the model's vocabulary [0, {vocab}); pass an id of the "
-                "same tokenizer as the model (e.g. tokenizer.eos_token_id)"
-            )
-        return int(pad_token_id), pad_token
 
     def _resolve_eos(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
         if eos_token_id is None:

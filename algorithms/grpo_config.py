@@ -14,7 +14,7 @@ import torch
 
 from llm_gym.algorithms.loss import LOSS_TYPES
 
-__all__ = ["GRPOHyperParams", "clip_pair", "default_lora_config", "resolve_device"]
+__all__ = ["GRPOHyperParams", "check_pad_token_id", "clip_pair", "default_lora_config", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,33 @@ def clip_pair(clip_coef: float | Sequence[float]) -> tuple[float, float]:
     if len(pair) != 2:
         raise ValueError(f"clip_coef must be a float or a (low, high) pair, got {clip_coef!r}")
     return pair[0], pair[1]
+
+
+def check_pad_token_id(model: Any, pad_token_id: int | None) -> int:
+    """Validate the padding id against the model's vocabulary.
+
+    Args:
+        model: The causal LM.
+        pad_token_id: The id to check.
+
+    Returns:
+        The id as an ``int``.
+
+    Raises:
+        ValueError: If it is None or outside the vocabulary, with the fix.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    if pad_token_id is None:
+        raise ValueError(
+            "pad_token_id is None: GRPO pads prompts of different lengths into one batch and needs a padding "
+            "id. Set tokenizer.pad_token = tokenizer.eos_token and pass pad_token_id=tokenizer.pad_token_id"
+        )
+    if not 0 <= int(pad_token_id) < vocab:
+        raise ValueError(
+            f"pad_token_id={pad_token_id} is outside the model's vocabulary [0, {vocab}); pass an id of the "
+            "same tokenizer as the model (e.g. tokenizer.eos_token_id)"
+        )
+    return int(pad_token_id)
 
 
 def default_lora_config() -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_gym.algorithms.cpu_allocator import retain_freed_memory
 from llm_gym.env import build_problems
 from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate
@@ -397,6 +398,8 @@ def train_sft(
     total = config.total_steps(len(pairs))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        retain_freed_memory()  # reuse activation memory between steps (see cpu_allocator)
     rng = np.random.default_rng(config.seed)
     result = SFTResult()
     logger.info("SFT: %d examples, %d steps of batch %d, lr %g", len(pairs), total, config.batch_size, config.lr)

@@ -44,7 +44,7 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
     work = Workload(preset=preset, max_new_tokens=tokens, threads=1)
     model, tok, _ = load(work)
     base_rss = rss_mib()
-    kwargs = dict(pad_token_id=tok.pad_token_id, lora_config=lora(work), batch_size=32, group_size=8,
+    kwargs = dict(pad_token_id=tok.pad_token_id, lora_config=lora(work), group_size=8,
                   max_output_tokens=tokens, beta=0.04, device="cpu", seed=0)  # fmt: skip
     agents = [GRPO(model, **kwargs)]
     for i in range(1, size):
