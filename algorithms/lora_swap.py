@@ -14,7 +14,7 @@ puts the original modules back on exit (even on error) and never modifies a weig
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -72,6 +72,20 @@ def _merged_linear(layer: Any) -> torch.nn.Linear:
 
 
 @contextlib.contextmanager
+def _swapped(found: list[tuple[Any, str, Any]], make: Callable[[Any], torch.nn.Module]) -> Iterator[int]:
+    """Put ``make(layer)`` in each ``(parent, name, layer)`` slot; restore the layers on exit, even on error."""
+    done = []
+    try:
+        for parent, name, layer in found:
+            setattr(parent, name, make(layer))
+            done.append((parent, name, layer))
+        yield len(done)
+    finally:
+        for parent, name, layer in reversed(done):
+            setattr(parent, name, layer)
+
+
+@contextlib.contextmanager
 def merged_lora(model: Any) -> Iterator[int]:
     """Temporarily replace each LoRA ``Linear`` by a plain ``nn.Linear`` with the merged weight.
 
@@ -87,15 +101,8 @@ def merged_lora(model: Any) -> Iterator[int]:
     Yields:
         How many layers were swapped.
     """
-    swapped = []
-    try:
-        for parent, name, layer in _lora_layers(model)[0]:
-            setattr(parent, name, _merged_linear(layer))
-            swapped.append((parent, name, layer))
-        yield len(swapped)
-    finally:
-        for parent, name, layer in reversed(swapped):
-            setattr(parent, name, layer)
+    with _swapped(_lora_layers(model)[0], _merged_linear) as count:
+        yield count
 
 
 @contextlib.contextmanager
@@ -118,13 +125,8 @@ def base_model_only(model: Any) -> Iterator[None]:
         with model.disable_adapter():
             yield
         return
-    try:
-        for parent, name, layer in found:
-            setattr(parent, name, layer.base_layer)
+    with _swapped(found, lambda layer: layer.base_layer):
         yield
-    finally:
-        for parent, name, layer in reversed(found):
-            setattr(parent, name, layer)
 
 
 class FusedLoraLinear(torch.nn.Module):
@@ -169,12 +171,5 @@ def fused_lora(model: Any) -> Iterator[int]:
     Yields:
         How many layers were swapped.
     """
-    swapped = []
-    try:
-        for parent, name, layer in _lora_layers(model)[0]:
-            setattr(parent, name, FusedLoraLinear(layer))
-            swapped.append((parent, name, layer))
-        yield len(swapped)
-    finally:
-        for parent, name, layer in reversed(swapped):
-            setattr(parent, name, layer)
+    with _swapped(_lora_layers(model)[0], FusedLoraLinear) as count:
+        yield count
