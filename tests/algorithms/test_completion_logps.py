@@ -132,6 +132,8 @@ def test_learn_is_unchanged_by_the_update_optimisations(switch):
                           metrics)  # fmt: skip
     (plain, plain_metrics), (shared, shared_metrics) = weights[False], weights[True]
     for name, value in plain.items():
-        torch.testing.assert_close(shared[name], value, atol=1e-6, rtol=1e-5)
+        # 5e-6: AdamW's first step divides by sqrt(v), so ~1e-7 gradient rounding (AVX2 vs AVX-512
+        # kernels) reaches ~2e-6 on weights whose gradient is near zero.
+        torch.testing.assert_close(shared[name], value, atol=5e-6, rtol=1e-5)
     assert shared_metrics["loss"] == pytest.approx(plain_metrics["loss"], abs=1e-6)
     assert shared_metrics["loss/kl"] == pytest.approx(plain_metrics["loss/kl"], abs=1e-6)

@@ -368,8 +368,9 @@ def test_learn_log_probs_unchanged_by_logits_to_keep_and_base_swap():
     assert got.shape == expected.shape == ref_got.shape == mb.mask.shape
     # Equal on every completion token (the only ones the loss reads); finite on the padding too,
     # which the update now runs without a padding mask (right padding under the causal mask).
-    torch.testing.assert_close(got[mb.mask], expected[mb.mask], atol=1e-6, rtol=0)
-    torch.testing.assert_close(ref_got[mb.mask], ref_expected[mb.mask], atol=1e-6, rtol=0)
+    # 1e-5: fp32 sums in another order (shared-prompt KV, fused LoRA) differ by ~2e-6 on AVX2 kernels.
+    torch.testing.assert_close(got[mb.mask], expected[mb.mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref_got[mb.mask], ref_expected[mb.mask], atol=1e-5, rtol=0)
     assert torch.isfinite(got).all() and torch.isfinite(ref_got).all()
     assert (~mb.mask).any()  # padding positions exist in this batch
     assert (got - ref_got)[mb.mask].abs().max() > 1e-3  # policy and reference really differ
