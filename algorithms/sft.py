@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm_gym.algorithms.cpu_allocator import retain_freed_memory
+from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
 from llm_gym.env import build_problems
 from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate

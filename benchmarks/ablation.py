@@ -6,7 +6,7 @@ Run from the repository root::
 
 Each timed step runs every configuration once, in rotating order, so the drift of a shared machine
 hits them alike; medians of the generation and update times are reported per configuration.
-Configurations switch the optimisations of :mod:`llm_gym.algorithms.decoding` on one at a time:
+Configurations switch the optimisations of :mod:`llm_gym.algorithms.rollout.decoding` on one at a time:
 
 * ``generate``: ``transformers`` ``generate``, reference pass under ``disable_adapter()``, logits
   for every position (the state before the optimisations);
@@ -15,9 +15,9 @@ Configurations switch the optimisations of :mod:`llm_gym.algorithms.decoding` on
 * ``window``: and the update computes logits only for the completion window, with the reference
   pass on the swapped-in base layers;
 * ``shared-prompt``: and each prompt's forward in the update runs once per group, its KV cache
-  shared by the group's completions (:mod:`llm_gym.algorithms.completion_logps`);
+  shared by the group's completions (:mod:`llm_gym.algorithms.grpo.logps`);
 * ``prealloc``: and the decoding KV cache lives in buffers allocated once, written in place
-  (:mod:`llm_gym.algorithms.kv_cache`);
+  (:mod:`llm_gym.algorithms.plumbing.kv_cache`);
 * ``fused-lora``: and the policy pass runs LoRA layers as one in-place ``addmm`` each
   (:func:`llm_gym.algorithms.lora_swap.fused_lora`): the default.
 """
@@ -44,7 +44,7 @@ CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt", "preallo
 
 def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``GRPO._logps`` as it was before the update optimisations: padding mask, logits everywhere."""
-    from llm_gym.algorithms.loss import selective_log_softmax, token_entropy
+    from llm_gym.algorithms.grpo.loss import selective_log_softmax, token_entropy
 
     logits = agent.model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False).logits
     logits = logits[:, mb.first : -1]
@@ -55,7 +55,7 @@ def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Ten
 @contextlib.contextmanager
 def configured(agent: Any, name: str) -> Iterator[None]:
     """Switch the agent to configuration ``name`` for the duration of the block."""
-    from llm_gym.algorithms import grpo
+    from llm_gym.algorithms.grpo import agent as grpo
 
     backend = agent.backend
     saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = tuple(args.configs)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
 
     work = Workload(preset=args.preset, max_new_tokens=args.tokens, threads=args.threads)
     model, tok, _ = load(work)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.learning import RESULTS, LearningConfig, build_agent_and_env, peak_rss_mib, sft_model
-from llm_gym.algorithms.evaluation import held_out_metrics
+from llm_gym.algorithms.rollout.evaluation import held_out_metrics
 
 logger = logging.getLogger("benchmarks.evolution")
 
@@ -57,10 +57,10 @@ def _lora(config: LearningConfig) -> Any:
 
 def arm(config: LearningConfig, model_path: str, population: int, steps: int, evo_steps: int) -> dict[str, Any]:
     """Train one arm and return its held-out metrics (of the fittest agent) and counts."""
-    from llm_gym.algorithms.evolution import Mutations, TournamentSelection
-    from llm_gym.algorithms.population import create_population
+    from llm_gym.algorithms.evolution.selection import Mutations, TournamentSelection
+    from llm_gym.algorithms.grpo.population import create_population
     from llm_gym.algorithms.recipe import mutation_genes
-    from llm_gym.algorithms.training import finetune_llm_reasoning
+    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
 
     agent, env = build_agent_and_env(config, model_path)
     pop = create_population(population, model_name=model_path, pad_token_id=agent.pad_token_id,

@@ -108,7 +108,7 @@ ALLOCATORS = {
                                      "glibc.malloc.top_pad=2147483647"},
 }
 """C allocator set-ups: each framework as it ships (llm-gym makes glibc keep freed memory on CPU,
-see ``llm_gym.algorithms.cpu_allocator``); everyone on glibc's defaults; everyone keeping freed
+see ``llm_gym.algorithms.plumbing.cpu_allocator``); everyone on glibc's defaults; everyone keeping freed
 memory (the same settings through glibc's environment tunables, so the peers get them too)."""
 
 

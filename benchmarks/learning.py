@@ -148,7 +148,7 @@ def build_agent_and_env(config: LearningConfig, model_path: str) -> tuple[Any, A
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
     from llm_gym.reasoning_gym import ReasoningGym
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -39,7 +39,7 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
     Returns:
         ``{"size", "copy_base", "base_rss_mib", "peak_rss_mib"}``.
     """
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
 
     work = Workload(preset=preset, max_new_tokens=tokens, threads=1)
     model, tok, _ = load(work)

@@ -188,7 +188,7 @@ def run_llm_gym(work: Workload, **agent_kwargs: Any) -> RunResult:
     Returns:
         The measurements.
     """
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
 
     model, tok, _ = load(work)
     result = RunResult("llm-gym", dataclasses.asdict(work), **_sizes(model))

@@ -9,7 +9,7 @@ from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from llm_gym.algorithms.grpo import GRPO
+from llm_gym.algorithms.grpo.agent import GRPO
 
 EOS = 0  # id of <|endoftext|>, also the padding id (as seed 001 does)
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_gym.algorithms.checkpointing import (
+from llm_gym.algorithms.plumbing.atomic import (
     EliteStore,
     atomic_directory,
     atomic_write_text,
@@ -90,7 +90,7 @@ def test_recover_restores_copy_moved_aside_and_cleans_stale_tmp(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from llm_gym.algorithms.checkpointing import atomic_directory
+    from llm_gym.algorithms.plumbing.atomic import atomic_directory
 
     final, versions = sys.argv[1], int(sys.argv[2])
     for version in range(versions):

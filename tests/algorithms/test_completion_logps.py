@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.completion_logps: the prompt forward shared across a group."""
+"""Tests for llm_gym.algorithms.grpo.logps: the prompt forward shared across a group."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from grpo_tiny import EOS, make_agent, make_model, prompt, single_thread
 
-from llm_gym.algorithms.completion_logps import completion_logps, prompt_groups
-from llm_gym.algorithms.decoding import base_model_only
-from llm_gym.algorithms.generation import MiniBatch, mini_batches, pack_completions
+from llm_gym.algorithms.grpo.logps import completion_logps, prompt_groups
+from llm_gym.algorithms.rollout.backend import MiniBatch, mini_batches, pack_completions
+from llm_gym.algorithms.rollout.decoding import base_model_only
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

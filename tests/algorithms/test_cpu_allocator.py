@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.cpu_allocator: glibc keeps freed memory while training on CPU."""
+"""Tests for llm_gym.algorithms.plumbing.cpu_allocator: glibc keeps freed memory while training on CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llm_gym.algorithms import cpu_allocator
+from llm_gym.algorithms.plumbing import cpu_allocator
 
 
 class _FakeLibc:
@@ -29,7 +29,7 @@ def fake_libc(monkeypatch):
 
 
 def test_sets_no_mmap_and_maximal_trim_threshold_once(fake_libc, caplog):
-    caplog.set_level("INFO", logger="llm_gym.algorithms.cpu_allocator")
+    caplog.set_level("INFO", logger="llm_gym.algorithms.plumbing.cpu_allocator")
     assert cpu_allocator.retain_freed_memory() is True
     # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = M_TOP_PAD = INT_MAX (glibc's <malloc.h> numbers)
     assert fake_libc.calls == [(-4, 0), (-1, 2**31 - 1), (-2, 2**31 - 1)]

@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.decoding: sampling filters, the lean decoding loop, LoRA swaps."""
+"""Tests for llm_gym.algorithms.rollout.decoding: sampling filters, the lean decoding loop, LoRA swaps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from grpo_tiny import EOS, lora_config, make_agent, make_model, prompt, single_thread
 from peft import LoraConfig, get_peft_model
 
-from llm_gym.algorithms.decoding import (
+from llm_gym.algorithms.rollout.backend import left_pad, mini_batches, pack_completions
+from llm_gym.algorithms.rollout.decoding import (
     _sdpa_full_attention,
     accepts_logits_to_keep,
     base_model_only,
@@ -20,7 +21,6 @@ from llm_gym.algorithms.decoding import (
     prefill,
     sample_categorical,
 )
-from llm_gym.algorithms.generation import left_pad, mini_batches, pack_completions
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from llm_gym.algorithms.evolution import (
+from llm_gym.algorithms.evolution.selection import (
     EvolvableAgent,
     HyperparameterConfig,
     Mutations,
@@ -283,7 +283,7 @@ def test_mutation_hand_replayed_with_seeded_rng():
 
 def test_mutation_logs_each_change(caplog):
     pop = make_pop([0.1, 0.2])
-    with caplog.at_level("INFO", logger="llm_gym.algorithms.evolution"):
+    with caplog.at_level("INFO", logger="llm_gym.algorithms.evolution.selection"):
         Mutations(0.0, rl_hp=1.0, rand_seed=0).mutation(pop)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mutation: agent")]
     assert len(lines) == 2

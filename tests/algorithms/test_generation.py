@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.generation: padding, completion splitting, budgets, the HF backend."""
+"""Tests for llm_gym.algorithms.rollout.backend: padding, completion splitting, budgets, the HF backend."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from grpo_tiny import EOS, lora_config, make_model, prompt, single_thread
 from peft import get_peft_model
 
-from llm_gym.algorithms.generation import (
+from llm_gym.algorithms.rollout.backend import (
     HFGenerationBackend,
     SamplingConfig,
     generation_budget,

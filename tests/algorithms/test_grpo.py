@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.grpo on a tiny offline Qwen2 (CPU, one thread)."""
+"""Tests for llm_gym.algorithms.grpo.agent on a tiny offline Qwen2 (CPU, one thread)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from grpo_tiny import EOS, lora_config, make_agent, make_model, prompt, single_thread
 from peft import PeftModel
 
-import llm_gym.algorithms.grpo as grpo_module
+import llm_gym.algorithms.grpo.agent as grpo_module
 from llm_gym.algorithms import GRPO, VLLMConfig
-from llm_gym.algorithms.generation import mini_batches, pack_completions
+from llm_gym.algorithms.rollout.backend import mini_batches, pack_completions
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.kv_cache: the preallocated decoding cache."""
+"""Tests for llm_gym.algorithms.plumbing.kv_cache: the preallocated decoding cache."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from grpo_tiny import EOS, make_model, prompt, single_thread
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llm_gym.algorithms.decoding import decode
-from llm_gym.algorithms.generation import left_pad
-from llm_gym.algorithms.kv_cache import PreallocatedLayer, preallocate
+from llm_gym.algorithms.plumbing.kv_cache import PreallocatedLayer, preallocate
+from llm_gym.algorithms.rollout.backend import left_pad
+from llm_gym.algorithms.rollout.decoding import decode
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

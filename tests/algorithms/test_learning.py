@@ -19,8 +19,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_gym.algorithms.evaluation import held_out_metrics
-from llm_gym.algorithms.grpo import GRPO
+from llm_gym.algorithms.grpo.agent import GRPO
+from llm_gym.algorithms.rollout.evaluation import held_out_metrics
 from llm_gym.algorithms.sft import SFTConfig, oracle_examples, train_sft
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.registry import get_task

@@ -10,7 +10,7 @@ from grpo_tiny import make_model, single_thread
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from llm_gym.algorithms.lora_swap import FusedLoraLinear, fused_lora
+from llm_gym.algorithms.plumbing.lora_swap import FusedLoraLinear, fused_lora
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

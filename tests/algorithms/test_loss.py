@@ -1,4 +1,4 @@
-"""Tests for llm_gym.algorithms.loss; expected numbers are worked out by hand in the comments."""
+"""Tests for llm_gym.algorithms.grpo.loss; expected numbers are worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llm_gym.algorithms.loss import (
+from llm_gym.algorithms.grpo.loss import (
     LOSS_TYPES,
     LossOutput,
     group_advantages,

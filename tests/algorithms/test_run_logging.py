@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_gym.algorithms.run_logging import (
+from llm_gym.algorithms.run.loggers import (
     CompletionSampleLog,
     CSVLogger,
     MetricLogger,

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import llm_gym.algorithms.training as training
+import llm_gym.algorithms.run.loop as training
 from llm_gym.algorithms import (
     HyperparameterConfig,
     Mutations,
@@ -28,8 +28,8 @@ from llm_gym.algorithms import (
     finetune_llm_reasoning,
     load_elite,
 )
-from llm_gym.algorithms.population import load_population
-from llm_gym.algorithms.run_logging import read_csv_metrics
+from llm_gym.algorithms.grpo.population import load_population
+from llm_gym.algorithms.run.loggers import read_csv_metrics
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.tiny import tiny_model_path
 
@@ -215,7 +215,7 @@ DRIVER = textwrap.dedent('''
     from peft import LoraConfig
     from transformers import AutoTokenizer
     from llm_gym.algorithms import Mutations, TournamentSelection, create_population, finetune_llm_reasoning
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
     from llm_gym.reasoning_gym import ReasoningGym
     from test_training import GENES, length_reward
 

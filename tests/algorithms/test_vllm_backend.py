@@ -10,8 +10,8 @@ import pytest
 import torch
 from grpo_tiny import make_agent, make_model, prompt, single_thread
 
-from llm_gym.algorithms.generation import SamplingConfig
-from llm_gym.algorithms.vllm_backend import VLLMConfig, convert_outputs, sampling_params_kwargs
+from llm_gym.algorithms.rollout.backend import SamplingConfig
+from llm_gym.algorithms.rollout.vllm import VLLMConfig, convert_outputs, sampling_params_kwargs
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

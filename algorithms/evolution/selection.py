@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from llm_gym.algorithms.hp_config import HyperparameterConfig, Number, RLParameter, mutate_value
+from llm_gym.algorithms.evolution.genes import HyperparameterConfig, Number, RLParameter, mutate_value
 
 __all__ = [
     "EvolvableAgent",

@@ -12,8 +12,8 @@ The mask is built from what was generated, never from the ids: with ``pad_token 
 (seed 001) padding cannot be told apart from a real EOS by looking at ids.
 
 :class:`HFGenerationBackend` uses the training model itself (the CPU default: a lean decoding loop,
-:mod:`llm_gym.algorithms.decoding`, or ``transformers`` ``generate``); the vLLM backend
-lives in :mod:`llm_gym.algorithms.vllm_backend` and is imported only when asked for.
+:mod:`llm_gym.algorithms.rollout.decoding`, or ``transformers`` ``generate``); the vLLM backend
+lives in :mod:`llm_gym.algorithms.rollout.vllm` and is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -405,7 +405,7 @@ class HFGenerationBackend:
     """Generation with the training model itself: one batched decoding loop for all prompts.
 
     Prompts are left-padded into one ``[P, L]`` batch. By default the lean loop of
-    :mod:`llm_gym.algorithms.decoding` runs: each prompt is prefilled once and its KV cache shared
+    :mod:`llm_gym.algorithms.rollout.decoding` runs: each prompt is prefilled once and its KV cache shared
     by its ``G`` completions, finished rows leave the batch, and LoRA layers run as merged plain
     linears while decoding. ``use_generate=True`` calls ``transformers``' ``generate`` instead
     (``num_return_sequences = G``), e.g. for models the lean loop does not support. Runs under
@@ -420,7 +420,7 @@ class HFGenerationBackend:
         merge_lora: Lean loop only: decode with merged LoRA weights (a transient copy of the
             adapted linear weights; the trained parameters are untouched).
         preallocate_cache: Lean loop only: KV cache buffers sized once for the whole run
-            (:mod:`~llm_gym.algorithms.kv_cache`) instead of a concatenation per step.
+            (:mod:`~llm_gym.algorithms.plumbing.kv_cache`) instead of a concatenation per step.
     """
 
     def __init__(
@@ -480,7 +480,7 @@ class HFGenerationBackend:
         )  # fmt: skip
 
     def _lean(self, input_ids: Tensor, attention: Tensor, sampling: SamplingConfig) -> Tensor:
-        from llm_gym.algorithms.decoding import decode, merged_lora
+        from llm_gym.algorithms.rollout.decoding import decode, merged_lora
 
         merge = merged_lora(self.model) if self.merge_lora else contextlib.nullcontext()
         with merge:

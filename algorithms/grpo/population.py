@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.checkpointing import (
+from llm_gym.algorithms.plumbing.atomic import (
     atomic_directory,
     capture_rng_state,
     recover_directory,
@@ -84,7 +84,7 @@ def create_population(size: int, **grpo_kwargs: Any) -> list[Any]:
     Raises:
         ValueError: if ``size < 1``.
     """
-    from llm_gym.algorithms.grpo import GRPO
+    from llm_gym.algorithms.grpo.agent import GRPO
 
     if size < 1:
         raise ValueError(f"a population needs at least one agent, got size={size}")

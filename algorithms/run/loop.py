@@ -31,10 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.checkpointing import EliteStore
-from llm_gym.algorithms.evolution import lineage_events
-from llm_gym.algorithms.population import load_population, save_population
-from llm_gym.algorithms.run_logging import CompletionSampleLog, MetricLogger, make_logger, plot_learning_curve
+from llm_gym.algorithms.evolution.selection import lineage_events
+from llm_gym.algorithms.grpo.population import load_population, save_population
+from llm_gym.algorithms.plumbing.atomic import EliteStore
+from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger, plot_learning_curve
 
 __all__ = ["finetune_llm_reasoning", "RunState", "SMOKE_CAPS"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.kv_cache import preallocate
-from llm_gym.algorithms.lora_swap import base_model_only, merged_lora
+from llm_gym.algorithms.plumbing.kv_cache import preallocate
+from llm_gym.algorithms.plumbing.lora_swap import base_model_only, merged_lora
 
 __all__ = [
     "accepts_logits_to_keep",
@@ -211,7 +211,7 @@ def decode(
         share_prefill: Prefill each prompt once (see :func:`prefill`).
         drop_finished: Remove rows that emitted EOS from the decoding batch.
         preallocate_cache: Keep the KV cache in buffers sized for the whole run, written in place
-            (:mod:`~llm_gym.algorithms.kv_cache`), instead of concatenating on every step.
+            (:mod:`~llm_gym.algorithms.plumbing.kv_cache`), instead of concatenating on every step.
         generator: Sampling RNG (None: torch's global RNG).
 
     Returns:

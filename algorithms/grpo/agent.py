@@ -28,10 +28,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.completion_logps import completion_logps
-from llm_gym.algorithms.cpu_allocator import retain_freed_memory
-from llm_gym.algorithms.evaluation import held_out_metrics
-from llm_gym.algorithms.generation import (
+from llm_gym.algorithms.grpo.config import (
+    GRPOHyperParams,
+    check_pad_token_id,
+    clip_pair,
+    default_lora_config,
+    resolve_device,
+)
+from llm_gym.algorithms.grpo.logps import completion_logps
+from llm_gym.algorithms.grpo.loss import group_advantages, grpo_loss
+from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
+from llm_gym.algorithms.plumbing.lora_swap import base_model_only, fused_lora
+from llm_gym.algorithms.rollout.backend import (
     HFGenerationBackend,
     MiniBatch,
     SamplingConfig,
@@ -40,15 +48,7 @@ from llm_gym.algorithms.generation import (
     pack_completions,
     select_rows,
 )
-from llm_gym.algorithms.grpo_config import (
-    GRPOHyperParams,
-    check_pad_token_id,
-    clip_pair,
-    default_lora_config,
-    resolve_device,
-)
-from llm_gym.algorithms.lora_swap import base_model_only, fused_lora
-from llm_gym.algorithms.loss import group_advantages, grpo_loss
+from llm_gym.algorithms.rollout.evaluation import held_out_metrics
 
 __all__ = ["GRPO", "GRPOHyperParams"]
 
@@ -84,7 +84,7 @@ class GRPO:
 
     Attributes:
         share_prompt_forward: In :meth:`learn`, run each prompt once per mini-batch and share its KV
-            cache across the group's completions (:mod:`~llm_gym.algorithms.completion_logps`).
+            cache across the group's completions (:mod:`~llm_gym.algorithms.grpo.logps`).
             True by default; the result equals the per-row pass up to float rounding.
         fuse_lora: In :meth:`learn`'s policy pass, run plain LoRA layers as one in-place ``addmm``
             per layer (:func:`~llm_gym.algorithms.lora_swap.fused_lora`); True by default.
@@ -149,7 +149,7 @@ class GRPO:
         self.vllm_config = vllm_config
 
         if use_vllm:  # fail before loading any weights
-            from llm_gym.algorithms.vllm_backend import import_vllm
+            from llm_gym.algorithms.rollout.vllm import import_vllm
 
             import_vllm()
         model = actor_network if actor_network is not None else model_name
@@ -179,7 +179,7 @@ class GRPO:
         self.share_prompt_forward = True
         self.fuse_lora = True
         if use_vllm:
-            from llm_gym.algorithms.vllm_backend import VLLMBackend, VLLMConfig
+            from llm_gym.algorithms.rollout.vllm import VLLMBackend, VLLMConfig
 
             self.vllm_config = vllm_config if vllm_config is not None else VLLMConfig()
             self.backend: Any = VLLMBackend(self, self.vllm_config)
@@ -509,7 +509,7 @@ class GRPO:
         Args:
             path: Target folder (replaced if it exists).
         """
-        from llm_gym.algorithms.checkpointing import atomic_directory
+        from llm_gym.algorithms.plumbing.atomic import atomic_directory
 
         with atomic_directory(path) as tmp:
             self.write_checkpoint(tmp)
@@ -524,7 +524,7 @@ class GRPO:
         Args:
             directory: An existing folder.
         """
-        from llm_gym.algorithms.grpo_checkpoint import write_agent_files
+        from llm_gym.algorithms.grpo.checkpoint import write_agent_files
 
         write_agent_files(self, directory)
 
@@ -538,7 +538,7 @@ class GRPO:
             FileNotFoundError: If a file is missing.
             ValueError: If the adapter's shape (rank, target modules) differs from this agent's.
         """
-        from llm_gym.algorithms.grpo_checkpoint import read_agent_files
+        from llm_gym.algorithms.grpo.checkpoint import read_agent_files
 
         read_agent_files(self, path)
         self._weights_dirty = True
@@ -547,7 +547,7 @@ class GRPO:
     @classmethod
     def population(cls, size: int, **kwargs: Any) -> list[GRPO]:
         """``size`` agents on one shared base model (see :func:`~llm_gym.algorithms.population.create_population`)."""
-        from llm_gym.algorithms.population import create_population
+        from llm_gym.algorithms.grpo.population import create_population
 
         return create_population(size, **kwargs)
 
@@ -568,7 +568,7 @@ class GRPO:
         Raises:
             ValueError: If the adapter name is already taken.
         """
-        from llm_gym.algorithms.population import copy_adapter
+        from llm_gym.algorithms.grpo.population import copy_adapter
 
         if adapter_name is None and index is not None and f"agent{index}" not in self.model.peft_config:
             adapter_name = f"agent{index}"  # else the first free "<name>_clone<k>"

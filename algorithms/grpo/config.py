@@ -1,6 +1,6 @@
 """Hyper-parameters of a GRPO agent and the defaults it is built with.
 
-Split from :mod:`llm_gym.algorithms.grpo` so the config reads on its own (one frozen dataclass,
+Split from :mod:`llm_gym.algorithms.grpo.agent` so the config reads on its own (one frozen dataclass,
 validated in one place) and the agent module stays about the update.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llm_gym.algorithms.loss import LOSS_TYPES
+from llm_gym.algorithms.grpo.loss import LOSS_TYPES
 
 __all__ = ["GRPOHyperParams", "check_pad_token_id", "clip_pair", "default_lora_config", "resolve_device"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llm_gym.algorithms.grpo_config import GRPOHyperParams
+from llm_gym.algorithms.grpo.config import GRPOHyperParams
 
 __all__ = ["ADAPTER_WEIGHTS", "AGENT_FILE", "OPTIMIZER_FILE", "read_agent_files", "write_agent_files"]
 
