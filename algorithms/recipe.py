@@ -193,7 +193,7 @@ def mutation_genes(beta: float) -> Any:
     Returns:
         A ``HyperparameterConfig`` for :class:`~llm_gym.algorithms.evolution.Mutations`.
     """
-    from llm_gym.algorithms.evolution.selection import HyperparameterConfig, RLParameter
+    from llm_gym.algorithms.evolution.genes import HyperparameterConfig, RLParameter
 
     genes = {
         "lr": RLParameter(1e-5, 3e-3, log_scale=True),  # 5e-3 collapsed the tiny model (DESIGN.md)
@@ -225,7 +225,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
 
-    from llm_gym.algorithms.evolution.selection import Mutations, TournamentSelection
+    from llm_gym.algorithms.evolution.mutation import Mutations
+    from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
     from llm_gym.reasoning_gym import ReasoningGym

@@ -57,7 +57,8 @@ def _lora(config: LearningConfig) -> Any:
 
 def arm(config: LearningConfig, model_path: str, population: int, steps: int, evo_steps: int) -> dict[str, Any]:
     """Train one arm and return its held-out metrics (of the fittest agent) and counts."""
-    from llm_gym.algorithms.evolution.selection import Mutations, TournamentSelection
+    from llm_gym.algorithms.evolution.mutation import Mutations
+    from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
     from llm_gym.algorithms.recipe import mutation_genes
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning

@@ -39,16 +39,10 @@ from llm_gym.algorithms.grpo.logps import completion_logps
 from llm_gym.algorithms.grpo.loss import group_advantages, grpo_loss
 from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
 from llm_gym.algorithms.plumbing.lora_swap import base_model_only, fused_lora
-from llm_gym.algorithms.rollout.backend import (
-    HFGenerationBackend,
-    MiniBatch,
-    SamplingConfig,
-    generation_budget,
-    mini_batches,
-    pack_completions,
-    select_rows,
-)
+from llm_gym.algorithms.rollout.backend import SamplingConfig, generation_budget
+from llm_gym.algorithms.rollout.completions import MiniBatch, mini_batches, pack_completions, select_rows
 from llm_gym.algorithms.rollout.evaluation import held_out_metrics
+from llm_gym.algorithms.rollout.hf import HFGenerationBackend
 
 __all__ = ["GRPO", "GRPOHyperParams"]
 

@@ -19,8 +19,9 @@ import torch
 
 from llm_gym.algorithms.grpo.config import GRPOHyperParams
 
-__all__ = ["ADAPTER_WEIGHTS", "AGENT_FILE", "OPTIMIZER_FILE", "read_agent_files", "write_agent_files"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AGENT_FILE", "OPTIMIZER_FILE", "read_agent_files", "write_agent_files"]
 
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 AGENT_FILE = "llm_gym_agent.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -84,7 +85,7 @@ def read_agent_files(agent: Any, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(path)
-    for name in (ADAPTER_WEIGHTS, "adapter_config.json", AGENT_FILE):
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, AGENT_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: not a checkpoint written by GRPO.save_checkpoint")
     saved = PeftConfig.from_pretrained(str(path))

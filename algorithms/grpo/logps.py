@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from llm_gym.algorithms.grpo.loss import selective_log_softmax, token_entropy
-from llm_gym.algorithms.rollout.backend import MiniBatch
+from llm_gym.algorithms.rollout.completions import MiniBatch
 from llm_gym.algorithms.rollout.decoding import accepts_logits_to_keep
 
 __all__ = ["PromptGroups", "completion_logps", "prompt_groups"]

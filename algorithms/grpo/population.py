@@ -1,37 +1,16 @@
-"""Populations of GRPO agents on one shared base model, and whole-population checkpoints.
+"""Populations of GRPO agents on one shared base model.
 
 Every agent of a population is a LoRA adapter of the SAME PEFT model (``peft_model.add_adapter``):
 the base weights are held once, whatever the population size. An agent's clone copies adapter
-tensors and optimizer state only.
-
-A population checkpoint is one folder written atomically (temporary sibling, then rename), so a
-run killed at any moment, even mid-write, leaves the previous complete checkpoint::
-
-    <checkpoint_path>/latest/
-        state.json          step, data position, selection/mutation RNGs, global RNGs, fitness log
-        agent_0/ ...        each agent's PEFT adapter, hyper-parameters, optimizer state
+tensors and optimizer state only (:func:`copy_adapter`). Saving and restoring a whole population is
+the run's business (:mod:`llm_gym.algorithms.run.checkpoints`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.plumbing.atomic import (
-    atomic_directory,
-    capture_rng_state,
-    recover_directory,
-    restore_rng_state,
-)
-
-__all__ = ["create_population", "copy_adapter", "save_population", "load_population", "STATE_FILE"]
-
-logger = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
+__all__ = ["copy_adapter", "create_population"]
 
 
 def copy_adapter(model: Any, source: str, target: str | None = None) -> str:
@@ -90,81 +69,3 @@ def create_population(size: int, **grpo_kwargs: Any) -> list[Any]:
         raise ValueError(f"a population needs at least one agent, got size={size}")
     first = GRPO(**{**grpo_kwargs, "adapter_name": "agent0", "index": 0})
     return [first] + [first.clone(index=i, adapter_name=f"agent{i}") for i in range(1, size)]
-
-
-def save_population(
-    path: str | Path,
-    population: Sequence[Any],
-    *,
-    step: int,
-    env: Any = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write the whole population and the run state atomically into ``path``.
-
-    Args:
-        path: The checkpoint folder (replaced as a whole).
-        population: The agents (each with ``write_checkpoint(dir)``).
-        step: Training steps done.
-        env: The environment; its ``state_dict()`` (data position, epoch) is saved when it has one.
-        extra: More JSON-able run state (selection/mutation state, fitness records, ...).
-
-    Returns:
-        The checkpoint folder.
-    """
-    path = Path(path)
-    state: dict[str, Any] = {
-        "format_version": 1,
-        "step": int(step),
-        "agents": [{"slot": i, "index": int(a.index), "dir": f"agent_{i}"} for i, a in enumerate(population)],
-        "env": env.state_dict() if env is not None and hasattr(env, "state_dict") else None,
-        "rng": capture_rng_state(),
-        **(dict(extra) if extra else {}),
-    }
-    with atomic_directory(path) as tmp:
-        for i, agent in enumerate(population):
-            (tmp / f"agent_{i}").mkdir()
-            agent.write_checkpoint(tmp / f"agent_{i}")
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-    logger.info("saved population checkpoint %s (step %d)", path, step)
-    return path
-
-
-def load_population(path: str | Path, population: Sequence[Any], *, env: Any = None) -> dict[str, Any]:
-    """Restore a checkpoint of :func:`save_population` into an existing population of the same size.
-
-    Each agent's adapter, optimizer state, hyper-parameters, fitness and lineage are loaded; the
-    env's data position and the global RNG states are restored.
-
-    Args:
-        path: The checkpoint folder.
-        population: Agents built the same way as the run that saved it (same base and LoRA config).
-        env: The environment, restored through ``load_state_dict`` when given.
-
-    Returns:
-        The saved run state (``step`` and any ``extra`` given to :func:`save_population`).
-
-    Raises:
-        FileNotFoundError: if there is no complete checkpoint at ``path``.
-        ValueError: if the population size differs from the checkpoint's.
-    """
-    path = Path(path)
-    recover_directory(path)  # a write killed between its two renames leaves the old copy aside
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"no population checkpoint at {path} ({STATE_FILE} is missing)")
-    state = json.loads(state_file.read_text())
-    saved = state["agents"]
-    if len(saved) != len(population):
-        raise ValueError(
-            f"checkpoint {path} holds {len(saved)} agents but the population has {len(population)}: "
-            "build the same population size to resume"
-        )
-    for entry, agent in zip(saved, population, strict=True):
-        agent.load_checkpoint(path / entry["dir"])
-        agent.index = int(entry["index"])
-    if env is not None and state.get("env") is not None:
-        env.load_state_dict(state["env"])
-    restore_rng_state(state["rng"])
-    logger.info("resumed population of %d from %s at step %d", len(population), path, state["step"])
-    return state

@@ -1,51 +1,35 @@
-"""Crash-safe checkpoint writes: atomic directories, a keep-best-K elite store, RNG state capture.
+"""Crash-safe directory and file writes: a reader finds the old or the new copy, never half of one.
 
-A checkpoint directory is written into a hidden temporary sibling (same filesystem, so ``rename``
-is atomic), fsynced, and only then renamed to its final name. Replacing an existing directory takes
-two renames, because POSIX cannot atomically swap two non-empty directories::
+A directory is written into a hidden temporary sibling (same filesystem, so ``rename`` is atomic),
+fsynced, and only then renamed to its final name. Replacing an existing directory takes two
+renames, because POSIX cannot atomically swap two non-empty directories::
 
-    final -> .final.old-<pid>-<hex>      (1)  the old checkpoint moves aside
+    final -> .final.old-<pid>-<hex>      (1)  the old copy moves aside
     .final.tmp-<pid>-<hex> -> final      (2)  the new one takes its name
     rm -r .final.old-...                 (3)
 
 A crash between (1) and (2) leaves no ``final`` but a complete ``.old`` copy;
-:func:`recover_directory` (run before every write and by :class:`EliteStore` on start) puts it
-back. A crash before (1) leaves a stale ``.tmp`` directory, which the next write deletes once
-its writer process is gone. So after any crash a reader finds either the old or the new complete
-directory, never a half-written one.
+:func:`recover_directory` (run before every write, and by readers such as the elite store on
+start) puts it back. A crash before (1) leaves a stale ``.tmp`` directory, which the next write
+deletes once its writer process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
-import random
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-__all__ = [
-    "EliteStore",
-    "atomic_directory",
-    "atomic_write_text",
-    "capture_rng_state",
-    "recover_directory",
-    "restore_rng_state",
-]
+__all__ = ["atomic_directory", "atomic_write_text", "recover_children", "recover_directory"]
 
 logger = logging.getLogger(__name__)
 
-ELITE_META = "elite.json"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-\d+-[0-9a-f]{8}$")
-INDEX_NAME = "index.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,201 +175,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     _fsync_path(path.parent)
 
 
-# --------------------------------------------------------------------------------------------------
-# Elite store
-# --------------------------------------------------------------------------------------------------
-
-
-class EliteStore:
-    """Keeps the ``keep`` best elite checkpoints of a run, by fitness.
-
-    Each elite is a directory ``root/elite-step{step:06d}-agent{id}-fit{fitness:.4f}/`` written
-    atomically by a caller callback, plus an ``elite.json`` inside it with the exact numbers and the
-    caller's metadata. ``root/index.json`` lists the kept elites, best first; it is rewritten
-    atomically after every change and rebuilt from the ``elite.json`` files on start, so elites
-    written just before a crash are not lost.
-
-    Ordering: higher fitness is better; equal fitness keeps the earlier elite (lower step, then
-    lower agent id), so a later agent must be strictly better to displace it.
+def recover_children(root: str | os.PathLike[str]) -> None:
+    """Run :func:`recover_directory` for every directory of ``root`` that an interrupted write left behind.
 
     Args:
-        root: Directory holding the elites (created if needed).
-        keep: How many elites to keep (>= 1).
-
-    Raises:
-        ValueError: If ``keep < 1``.
+        root: A folder holding atomically written directories (e.g. elite checkpoints).
     """
-
-    def __init__(self, root: str | os.PathLike[str], keep: int = 3) -> None:
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"EliteStore keep={keep!r} must be an int >= 1.")
-        self.root = Path(root)
-        self.keep = keep
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._entries: list[dict[str, Any]] = []
-        self._load()
-
-    @staticmethod
-    def _order(entry: Mapping[str, Any]) -> tuple[float, int, int]:
-        return (-float(entry["fitness"]), int(entry["step"]), int(entry["agent"]))
-
-    def _load(self) -> None:
-        entries = []
-        # Leftovers of killed writers: restore moved-aside copies, delete dead writers' temp dirs.
-        leftovers = {m["name"] for p in self.root.iterdir() if (m := _LEFTOVER.match(p.name))}
-        for name in sorted(leftovers):
-            recover_directory(self.root / name)
-        for child in sorted(self.root.iterdir()):
-            meta = child / ELITE_META
-            if child.name.startswith("elite-") and meta.is_file():
-                try:
-                    entry = json.loads(meta.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError) as err:
-                    logger.warning("Ignoring elite %s: unreadable %s (%s).", child, ELITE_META, err)
-                    continue
-                entry["path"] = child.name
-                entries.append(entry)
-        self._entries = sorted(entries, key=self._order)
-        if entries:
-            logger.info("EliteStore %s: resumed with %d elites.", self.root, len(entries))
-        self._evict()
-
-    def _evict(self) -> None:
-        kept, dropped = self._entries[: self.keep], self._entries[self.keep :]
-        self._entries = kept
-        self._write_index()
-        for entry in dropped:
-            shutil.rmtree(self.root / entry["path"], ignore_errors=True)
-            logger.info("EliteStore: removed %s (not in the best %d).", entry["path"], self.keep)
-
-    def _write_index(self) -> None:
-        atomic_write_text(self.root / INDEX_NAME, json.dumps(self._entries, indent=2, sort_keys=True) + "\n")
-
-    def would_keep(self, fitness: float, step: int = 0, agent: int = 0) -> bool:
-        """Whether an elite with this fitness would enter the store.
-
-        Args:
-            fitness: Candidate fitness.
-            step: Candidate training step (breaks ties).
-            agent: Candidate agent id (breaks ties).
-
-        Returns:
-            True if the store has room or the candidate beats its worst elite.
-        """
-        if len(self._entries) < self.keep:
-            return True
-        candidate = {"fitness": fitness, "step": step, "agent": agent}
-        return self._order(candidate) < self._order(self._entries[-1])
-
-    def save(
-        self,
-        step: int,
-        agent: int,
-        fitness: float,
-        save_fn: Callable[[Path], None],
-        metadata: Mapping[str, Any] | None = None,
-    ) -> Path | None:
-        """Save an elite if it is among the best ``keep``, and drop the one it displaces.
-
-        Args:
-            step: Training step of the elite.
-            agent: The agent's id.
-            fitness: Its fitness (must be finite).
-            save_fn: Writes the checkpoint (e.g. ``model.save_pretrained``) into the directory it
-                is given; called only if the elite is kept.
-            metadata: JSON-able extras stored in ``elite.json`` (hyper-parameters, lineage, ...).
-
-        Returns:
-            The elite's directory, or None if it was not good enough to keep.
-
-        Raises:
-            ValueError: If ``fitness`` is not finite.
-        """
-        if not math.isfinite(fitness):
-            raise ValueError(
-                f"Elite fitness {fitness!r} must be finite: evaluate the agent before saving it."
-            )
-        if not self.would_keep(fitness, step, agent):
-            logger.debug("EliteStore: fitness %.4f does not beat the kept elites; not saved.", fitness)
-            return None
-        name = f"elite-step{step:06d}-agent{agent}-fit{fitness:.4f}"
-        entry = {
-            "step": int(step),
-            "agent": int(agent),
-            "fitness": float(fitness),
-            "metadata": dict(metadata or {}),
-        }
-        with atomic_directory(self.root / name) as tmp:
-            save_fn(tmp)
-            (tmp / ELITE_META).write_text(
-                json.dumps(entry, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
-        entry["path"] = name
-        self._entries = sorted([e for e in self._entries if e["path"] != name] + [entry], key=self._order)
-        self._evict()
-        logger.info("EliteStore: saved %s.", name)
-        return self.root / name
-
-    def best(self) -> Path | None:
-        """Directory of the best elite, or None if the store is empty."""
-        return self.root / self._entries[0]["path"] if self._entries else None
-
-    def entries(self) -> list[dict[str, Any]]:
-        """The kept elites, best first: dicts with path, step, agent, fitness and metadata."""
-        return [dict(e) for e in self._entries]
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state
-# --------------------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Capture the global RNG states of python ``random``, numpy and torch (CPU and every CUDA device).
-
-    Returns:
-        A JSON-serialisable dict (lists of ints): ``{"python": ..., "numpy": ..., "torch": ...,
-        "torch_cuda": [...]}``; the torch keys are absent when torch is not installed.
-    """
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    try:
-        import torch
-    except ImportError:  # torch is optional for this module
-        return state
-    state["torch"] = torch.get_rng_state().tolist()
-    if torch.cuda.is_available():
-        state["torch_cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the states :func:`capture_rng_state` returned.
-
-    Args:
-        state: The captured dict (possibly after a JSON round trip).
-
-    Raises:
-        ValueError: If the CUDA state was captured with a different number of devices.
-    """
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "torch" not in state:
-        return
-    import torch
-
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    cuda_states = state.get("torch_cuda")
-    if cuda_states is not None and torch.cuda.is_available():
-        if len(cuda_states) != torch.cuda.device_count():
-            raise ValueError(
-                f"RNG state holds {len(cuda_states)} CUDA device states but {torch.cuda.device_count()} "
-                "devices are visible: resume with the same CUDA_VISIBLE_DEVICES."
-            )
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda_states])
+    root = Path(root)
+    leftovers = {m["name"] for p in root.iterdir() if (m := _LEFTOVER.match(p.name))}
+    for name in sorted(leftovers):
+        recover_directory(root / name)

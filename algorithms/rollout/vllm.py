@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, left_pad, split_completions
+from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig
+from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 
 __all__ = ["VLLMBackend", "VLLMConfig", "import_vllm", "sampling_params_kwargs"]
 

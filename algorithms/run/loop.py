@@ -31,10 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.evolution.selection import lineage_events
-from llm_gym.algorithms.grpo.population import load_population, save_population
-from llm_gym.algorithms.plumbing.atomic import EliteStore
-from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger, plot_learning_curve
+from llm_gym.algorithms.evolution.lineage import lineage_events
+from llm_gym.algorithms.run.checkpoints import load_population, save_population
+from llm_gym.algorithms.run.elites import EliteStore
+from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger
+from llm_gym.algorithms.run.plots import plot_learning_curve
 
 __all__ = ["finetune_llm_reasoning", "RunState", "SMOKE_CAPS"]
 

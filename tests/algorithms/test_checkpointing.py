@@ -17,14 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from llm_gym.algorithms.plumbing.atomic import (
-    EliteStore,
-    atomic_directory,
-    atomic_write_text,
-    capture_rng_state,
-    recover_directory,
-    restore_rng_state,
-)
+from llm_gym.algorithms.plumbing.atomic import atomic_directory, atomic_write_text, recover_directory
+from llm_gym.algorithms.run.checkpoints import capture_rng_state, restore_rng_state
+from llm_gym.algorithms.run.elites import EliteStore
 
 
 def leftovers(parent: Path) -> list[str]:

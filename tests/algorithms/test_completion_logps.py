@@ -7,7 +7,7 @@ import torch
 from grpo_tiny import EOS, make_agent, make_model, prompt, single_thread
 
 from llm_gym.algorithms.grpo.logps import completion_logps, prompt_groups
-from llm_gym.algorithms.rollout.backend import MiniBatch, mini_batches, pack_completions
+from llm_gym.algorithms.rollout.completions import MiniBatch, mini_batches, pack_completions
 from llm_gym.algorithms.rollout.decoding import base_model_only
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)

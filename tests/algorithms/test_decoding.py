@@ -9,7 +9,7 @@ import torch
 from grpo_tiny import EOS, lora_config, make_agent, make_model, prompt, single_thread
 from peft import LoraConfig, get_peft_model
 
-from llm_gym.algorithms.rollout.backend import left_pad, mini_batches, pack_completions
+from llm_gym.algorithms.rollout.completions import left_pad, mini_batches, pack_completions
 from llm_gym.algorithms.rollout.decoding import (
     _sdpa_full_attention,
     accepts_logits_to_keep,

@@ -9,16 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from llm_gym.algorithms.evolution.selection import (
-    EvolvableAgent,
-    HyperparameterConfig,
-    Mutations,
-    RLParameter,
-    TournamentSelection,
-    agent_score,
-    lineage_events,
-    mutate_value,
-)
+from llm_gym.algorithms.evolution.genes import HyperparameterConfig, RLParameter, mutate_value
+from llm_gym.algorithms.evolution.lineage import lineage_events
+from llm_gym.algorithms.evolution.mutation import Mutations
+from llm_gym.algorithms.evolution.protocol import EvolvableAgent
+from llm_gym.algorithms.evolution.selection import TournamentSelection, agent_score
 
 
 class FakeAgent:
@@ -283,7 +278,7 @@ def test_mutation_hand_replayed_with_seeded_rng():
 
 def test_mutation_logs_each_change(caplog):
     pop = make_pop([0.1, 0.2])
-    with caplog.at_level("INFO", logger="llm_gym.algorithms.evolution.selection"):
+    with caplog.at_level("INFO", logger="llm_gym.algorithms.evolution.mutation"):
         Mutations(0.0, rl_hp=1.0, rand_seed=0).mutation(pop)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mutation: agent")]
     assert len(lines) == 2

@@ -9,13 +9,9 @@ import torch
 from grpo_tiny import EOS, lora_config, make_model, prompt, single_thread
 from peft import get_peft_model
 
-from llm_gym.algorithms.rollout.backend import (
-    HFGenerationBackend,
-    SamplingConfig,
-    generation_budget,
-    left_pad,
-    split_completions,
-)
+from llm_gym.algorithms.rollout.backend import SamplingConfig, generation_budget
+from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+from llm_gym.algorithms.rollout.hf import HFGenerationBackend
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

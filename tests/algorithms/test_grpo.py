@@ -12,7 +12,7 @@ from peft import PeftModel
 
 import llm_gym.algorithms.grpo.agent as grpo_module
 from llm_gym.algorithms import GRPO, VLLMConfig
-from llm_gym.algorithms.rollout.backend import mini_batches, pack_completions
+from llm_gym.algorithms.rollout.completions import mini_batches, pack_completions
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llm_gym.algorithms.plumbing.kv_cache import PreallocatedLayer, preallocate
-from llm_gym.algorithms.rollout.backend import left_pad
+from llm_gym.algorithms.rollout.completions import left_pad
 from llm_gym.algorithms.rollout.decoding import decode
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)

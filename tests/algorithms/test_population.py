@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from llm_gym.algorithms import GRPO, HyperparameterConfig, Mutations, RLParameter, create_population
-from llm_gym.algorithms.grpo.population import load_population, save_population
+from llm_gym.algorithms.run.checkpoints import load_population, save_population
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.tiny import tiny_model_path
 

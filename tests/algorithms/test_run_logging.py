@@ -18,9 +18,9 @@ from llm_gym.algorithms.run.loggers import (
     TensorBoardLogger,
     WandbLogger,
     make_logger,
-    plot_learning_curve,
     read_csv_metrics,
 )
+from llm_gym.algorithms.run.plots import plot_learning_curve
 
 
 class ListLogger(MetricLogger):

@@ -28,7 +28,7 @@ from llm_gym.algorithms import (
     finetune_llm_reasoning,
     load_elite,
 )
-from llm_gym.algorithms.grpo.population import load_population
+from llm_gym.algorithms.run.checkpoints import load_population
 from llm_gym.algorithms.run.loggers import read_csv_metrics
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.tiny import tiny_model_path
