@@ -11,6 +11,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from llm_gym.problems import ProblemSet, load_hf_dataset, problem_key, split_of
+from llm_gym.registry import load_task
 from llm_gym.rubric import Rubric
 from llm_gym.spaces import messages_space, text_space
 from llm_gym.task import Task
@@ -106,7 +107,7 @@ class ReasoningEnv(gym.Env):
     Terminates after one step; never truncates.
 
     ## Arguments
-    ``task`` (set by registration), ``dataset``, ``split``, ``size``, ``seed`` and the task's knobs
+    ``task`` (set by registration: a :class:`Task` or its ``"<module>:<name>"`` reference), ``dataset``, ``split``, ``size``, ``seed`` and the task's knobs
     (see :func:`build_problems`); ``tokenizer``; ``template`` and ``rubric`` (a :class:`Rubric` or
     one reward callable) to override the task's; ``max_prompt_chars`` and ``max_completion_chars``
     size the spaces; ``render_mode`` ``"ansi"`` renders the conversation as text.
@@ -119,7 +120,7 @@ class ReasoningEnv(gym.Env):
 
     def __init__(
         self,
-        task: Task,
+        task: Task | str,
         *,
         dataset: Any = None,
         split: str = "train",
@@ -135,11 +136,11 @@ class ReasoningEnv(gym.Env):
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.task = task
+        self.task = task = load_task(task)
         self.problems = build_problems(task, dataset=dataset, split=split, size=size, seed=seed, **knobs)
         self.template = task.template if template is None else ConversationTemplate(template)
         self.template.validate_columns(task.problem_columns)
-        self.rubric = task.rubric if rubric is None else Rubric.from_callable(rubric)
+        self.rubric = task.rubric.copy() if rubric is None else Rubric.from_callable(rubric)
         self.tokenizer = tokenizer
         self.render_mode = render_mode
         obs = {"messages": messages_space(max_prompt_chars + max_completion_chars)}
@@ -192,7 +193,7 @@ class ReasoningEnv(gym.Env):
             **{c: self._problem[c] for c in self.task.columns},
             "rewards": dict(score.parts),
             "reward_errors": dict(score.errors),
-            "correct": bool(score.parts.get(self.task.correct_part, 0.0) >= 1.0),
+            "correct": score.correct(self.task.correct_part),
             "problem_index": self._index,
         }
         return self._obs, float(score.total), True, False, info

@@ -172,9 +172,3 @@ class ProblemSet(Sequence):
             if split_of(problem_key(problem, self.task.columns), self._test_fraction) == self.split:
                 return problem
         raise RuntimeError(f"{self.task.env_id}: no {self.split} problem in {_MAX_REJECTIONS} draws")
-
-    def to_dataset(self) -> Any:
-        """All problems as a ``datasets.Dataset`` (task columns only)."""
-        import datasets
-
-        return datasets.Dataset.from_list([{c: p[c] for c in self.task.columns} for p in self])

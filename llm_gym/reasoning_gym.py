@@ -45,7 +45,9 @@ class ReasoningGym:
     Args:
         train_dataset: Training problems: a ``datasets.Dataset`` or a sequence of dicts.
         test_dataset: Held-out problems, never used for training rewards.
-        tokenizer: A Hugging Face tokenizer with a chat template.
+        tokenizer: A Hugging Face tokenizer with a chat template. ``None`` serves prompts as chat
+            messages only (``prompt["messages"]``, no ids), for policies that answer in text (an
+            oracle, an API model); their completions are then given as strings.
         reward_fn: A :class:`~llm_gym.rubric.Rubric`, or a plain callable
             ``fn(completion, answer, question) -> float`` (seed 001), wrapped into a one-part rubric.
         conversation_template: Role/content messages with ``{column}`` placeholders; a final
@@ -99,6 +101,7 @@ class ReasoningGym:
         self._position = {"train": 0, "test": 0}
         self._pending: dict[str, list[int] | None] = {"train": None, "test": None}
         self.last_scores: list[list[Score]] = []
+        self.last_texts: list[list[str]] = []
 
     # ---------------------------------------------------------------- data
     def _prepare(self, rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
@@ -114,6 +117,10 @@ class ReasoningGym:
                     f"{split}_dataset needs columns 'question' and 'answer' for a reward_fn(completion, answer, "
                     f"question); it has {sorted(columns)}. Rename columns or pass a Rubric"
                 )
+        if self.tokenizer is None:
+            if self.max_context_length is not None:
+                raise ValueError("max_context_length counts tokens: give a tokenizer, or leave it None")
+            return {"rows": self._shard_rows(rows), "texts": None, "ids": None}
         texts = [self.template.render_text(row, self.tokenizer) for row in rows]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = list(range(len(rows)))
@@ -133,6 +140,9 @@ class ReasoningGym:
                 )
         keep = self._shard(keep)
         return {"rows": [rows[i] for i in keep], "texts": [texts[i] for i in keep], "ids": [ids[i] for i in keep]}
+
+    def _shard_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [rows[i] for i in self._shard(list(range(len(rows))))]
 
     def _shard(self, indices: list[int]) -> list[int]:
         """This process's share of ``indices``: every process gets the same count.
@@ -215,6 +225,8 @@ class ReasoningGym:
 
     def _prompts(self, indices: list[int]) -> list[Prompt]:
         data = self._data[self.split]
+        if data["ids"] is None:  # no tokenizer: the conversation only
+            return [{"messages": tuple(self.template.render(data["rows"][i])), "text": None} for i in indices]
         prompts = []
         for i in indices:
             ids = torch.tensor([data["ids"][i]], dtype=torch.long)  # [1, L]
@@ -239,7 +251,8 @@ class ReasoningGym:
 
         Returns:
             One dict per prompt: ``input_ids`` and ``attention_mask`` of shape ``[1, L]``, and
-            ``text`` (the prompt string when ``return_raw_completions``, else ``None``).
+            ``text`` (the prompt string when ``return_raw_completions``, else ``None``); without a
+            tokenizer ``messages`` (the rendered conversation) and ``text`` (``None``).
         """
         if reset_dataloaders:
             self._position[self.split] = 0
@@ -287,19 +300,23 @@ class ReasoningGym:
         if len(completions) != len(indices):
             raise ValueError(f"got completions for {len(completions)} prompts; the batch has {len(indices)}")
         data = self._data[split]
-        texts = [self._decode(c, data["ids"][i], k) for k, (c, i) in enumerate(zip(completions, indices, strict=True))]
+        ids = data["ids"] or [None] * len(data["rows"])
+        texts = [self._decode(c, ids[i], k) for k, (c, i) in enumerate(zip(completions, indices, strict=True))]
         group = {len(t) for t in texts}
         if len(group) != 1 or 0 in group:
             raise ValueError(f"every prompt needs the same, non-zero number of completions; got {sorted(group)}")
         prefill = self.template.prefill
+        self.last_texts = texts
         self.last_scores = [
             [self.rubric.score(text, data["rows"][i], prefill) for text in group_texts]
             for group_texts, i in zip(texts, indices, strict=True)
         ]
         return torch.tensor([[s.total for s in row] for row in self.last_scores], dtype=torch.float32)
 
-    def _decode(self, completion: Any, prompt_ids: list[int], k: int) -> list[str]:
+    def _decode(self, completion: Any, prompt_ids: list[int] | None, k: int) -> list[str]:
         if isinstance(completion, torch.Tensor):
+            if prompt_ids is None:
+                raise ValueError("this env has no tokenizer to decode token ids: give completion strings")
             if completion.dim() != 2:
                 raise ValueError(f"a completion tensor must be [group_size, seq_len], got {tuple(completion.shape)}")
             prompt_len = len(prompt_ids)
@@ -336,7 +353,7 @@ class ReasoningGym:
         for name in self.rubric.names:
             metrics[f"reward/{name}"] = float(np.mean([s.parts[name] for s in flat]))
         if self.correct_part is not None:
-            metrics["accuracy"] = float(np.mean([s.parts[self.correct_part] >= 1.0 for s in flat]))
+            metrics["accuracy"] = float(np.mean([s.correct(self.correct_part) for s in flat]))
         metrics["reward/failures"] = float(sum(len(s.errors) for s in flat))
         return metrics
 
@@ -395,7 +412,7 @@ class ReasoningGym:
             train_dataset=list(train),
             test_dataset=list(test),
             tokenizer=tokenizer,
-            reward_fn=task.rubric if reward_fn is None else reward_fn,
+            reward_fn=task.rubric.copy() if reward_fn is None else reward_fn,  # its own failure counter
             conversation_template=task.template if conversation_template is None else conversation_template,
             data_batch_size_per_gpu=data_batch_size_per_gpu,
             seed=seed,

@@ -21,6 +21,7 @@ numpy arrays, as AgileRL's tensors were). :meth:`Rubric.from_callable` wraps one
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -53,6 +54,17 @@ class Score:
     total: float
     parts: dict[str, float]
     errors: dict[str, str] = field(default_factory=dict)
+
+    def correct(self, part: str) -> bool:
+        """Exact accuracy: the part that means "right answer" (a task's ``correct_part``) scores full marks.
+
+        Args:
+            part: The rubric part's name.
+
+        Returns:
+            True when ``parts[part] >= 1.0`` (False when the part is missing).
+        """
+        return self.parts.get(part, 0.0) >= 1.0
 
 
 def _positional_legacy(fn: Callable[..., Any]) -> bool:
@@ -164,6 +176,16 @@ class Rubric:
         if isinstance(fn, Rubric):
             return fn
         return cls([fn], timeout=timeout)
+
+    def copy(self) -> Rubric:
+        """The same reward functions, weights, names and timeout, with its own failure counter.
+
+        Every environment built from a task scores with a copy of the task's rubric, so the failures
+        one env counts are its own.
+        """
+        fresh = copy.copy(self)
+        fresh.failures, fresh.calls = Counter(), 0
+        return fresh
 
     @property
     def positional_parts(self) -> tuple[str, ...]:

@@ -114,8 +114,3 @@ class Task:
         problem["question"] = row[self.question_column]
         problem["answer"] = row[self.answer_column]
         return problem
-
-    def is_correct(self, completion: str, problem: Mapping[str, Any], prefill: str | None = None) -> bool:
-        """Exact accuracy of one completion: the ``correct_part`` of the rubric scores 1."""
-        prefill = self.template.prefill if prefill is None else prefill
-        return self.rubric.score(completion, problem, prefill).parts[self.correct_part] >= 1.0

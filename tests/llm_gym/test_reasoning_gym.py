@@ -295,3 +295,28 @@ def test_score_keeps_the_batch_pending_for_every_agent_of_a_population(tokenizer
     assert [p["n"] for p in env.pending_problems()] == ns  # still the same batch
     next_ns = numbers(env.reset(), tokenizer)  # moves on
     assert not set(next_ns) & set(ns)
+
+
+def test_from_task_gives_each_env_its_own_rubric_and_failure_counter(tokenizer):
+    from llm_gym.registry import get_task
+
+    task = get_task("llm_gym/Countdown-v0")
+    a, b = (ReasoningGym.from_task("llm_gym/Countdown-v0", tokenizer, train_size=4, test_size=4) for _ in range(2))
+    assert a.rubric is not task.rubric and a.rubric is not b.rubric
+    assert a.rubric.names == task.rubric.names and a.rubric.weights == task.rubric.weights
+    a.rubric.failures["equation"] += 1
+    assert b.rubric.failures == {} and task.rubric.failures == {}
+
+
+def test_without_a_tokenizer_prompts_are_messages_and_completions_text():
+    env = make_gym(None)
+    prompts = env.reset()
+    assert [set(p) for p in prompts] == [{"messages", "text"}] * 4
+    first = prompts[0]["messages"]
+    assert first[1] == {"role": "user", "content": f"Double {env.pending_problems()[0]['n']}."}
+    rewards = env.score([[right(row["n"])] for row in env.pending_problems()])
+    assert rewards.tolist() == [[1.5]] * 4 and env.last_texts == [[right(r["n"])] for r in env.pending_problems()]
+    with pytest.raises(ValueError, match="no tokenizer to decode token ids: give completion strings"):
+        env.score([torch.zeros(1, 3, dtype=torch.long)] * 4)
+    with pytest.raises(ValueError, match="max_context_length counts tokens: give a tokenizer"):
+        make_gym(None, max_context_length=8)

@@ -136,3 +136,19 @@ def test_reasoning_gym_is_exported_lazily():
     assert llm_gym.ReasoningGym is ReasoningGym
     with pytest.raises(AttributeError, match="module 'llm_gym' has no attribute 'Nope'"):
         llm_gym.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_spec_serialises_with_a_string_task_reference(env_id):
+    spec = gym.spec(env_id)
+    assert isinstance(spec.kwargs["task"], str) and ":" in spec.kwargs["task"]
+    again = gym.envs.registration.EnvSpec.from_json(spec.to_json())
+    assert again == spec
+    assert gym.make(again).unwrapped.task is get_task(env_id)
+
+
+def test_bad_task_reference_is_refused():
+    from llm_gym.registry import load_task
+
+    with pytest.raises(gym.error.Error, match="must be '<module>:<name>' of a llm_gym Task"):
+        load_task("llm_gym.tasks.countdown:NOPE")
