@@ -20,11 +20,149 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.grpo.loss import selective_log_softmax, token_entropy
 from llm_gym.algorithms.rollout.completions import MiniBatch
 from llm_gym.algorithms.rollout.decoding import accepts_logits_to_keep
 
-__all__ = ["PromptGroups", "completion_logps", "prompt_groups"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "PromptGroups",
+    "completion_logps",
+    "prompt_groups",
+    "selective_log_softmax",
+    "token_entropy",
+]
+
+# Rows of the flattened [B*T, V] logits handled at once. With a 152k vocabulary one fp32 chunk is
+# ~150 MB, small next to the logits themselves, while still keeping the Python loop short.
+DEFAULT_CHUNK_SIZE = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy of chosen tokens, chunked over rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 logsumexp over a large vocabulary loses ~2 decimal digits, enough to make
+    # exp(logp - old_logp) visibly noisy, so half types are computed (and returned) in fp32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Chunked ``log_softmax(logits).gather(index)`` that saves nothing but its inputs.
+
+    Letting autograd trace the chunks would keep one fp32 copy of every chunk alive until backward
+    (a full upcast copy of the logits for bf16 models); recomputing the softmax per chunk in
+    backward keeps peak extra memory at one chunk in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+        vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab)  # [N, V]
+        flat_index = index.reshape(-1, 1)  # [N, 1]
+        out_dtype = _compute_dtype(logits.dtype)
+        out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
+        for start in range(0, flat_logits.shape[0], chunk_size):
+            stop = start + chunk_size
+            chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
+            picked = chunk.gather(1, flat_index[start:stop]).squeeze(1)  # [n]
+            out[start:stop] = picked - torch.logsumexp(chunk, dim=-1)
+        ctx.save_for_backward(logits, index)
+        ctx.chunk_size = chunk_size
+        return out.view(index.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        logits, index = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab)  # [N, V]
+        flat_index = index.reshape(-1, 1)  # [N, 1]
+        flat_grad = grad_out.reshape(-1, 1)  # [N, 1]
+        compute_dtype = _compute_dtype(logits.dtype)
+        grad_logits = torch.empty_like(flat_logits)  # [N, V]
+        for start in range(0, flat_logits.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            probs = torch.softmax(flat_logits[start:stop].to(compute_dtype), dim=-1)  # [n, V]
+            g_out = flat_grad[start:stop].to(compute_dtype)  # [n, 1]
+            # d/dz_j [z_i - logsumexp(z)] = 1[j == i] - softmax(z)_j
+            grad_chunk = probs.mul_(-g_out)
+            grad_chunk.scatter_add_(1, flat_index[start:stop], g_out)
+            grad_logits[start:stop] = grad_chunk.to(logits.dtype)
+        return grad_logits.view(logits.shape), None, None
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+
+
+def selective_log_softmax(
+    logits: Tensor, index: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
+    """Log-probability of the chosen tokens, without a full ``[B, T, V]`` log-softmax.
+
+    Equivalent to ``torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]`` but the
+    ``B * T`` rows are processed ``chunk_size`` at a time, in forward and in backward, so the
+    extra memory is one ``[chunk_size, V]`` block instead of a second copy of the logits.
+    Differentiable with respect to ``logits`` (first order).
+
+    Args:
+        logits: Logits of shape ``[B, T, V]`` (any leading shape works; the last dim is ``V``).
+        index: Chosen token ids of shape ``[B, T]`` (the leading shape of ``logits``).
+        chunk_size: Number of rows (token positions) handled at once.
+
+    Returns:
+        Log-probabilities of shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
+
+    Raises:
+        ValueError: If the shapes disagree or ``chunk_size < 1``.
+    """
+    if logits.dim() < 1 or tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"index shape {tuple(index.shape)} must equal the logits shape without its vocabulary "
+            f"dim; logits shape is {tuple(logits.shape)}"
+        )
+    _check_chunk_size(chunk_size)
+    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Entropy of the next-token distribution at every position (a metric; no gradient).
+
+    Computed as ``logsumexp(z) - sum(softmax(z) * z)`` chunk by chunk over rows, which equals
+    ``-sum(p * log p)`` without building ``log p`` for the whole batch.
+
+    Args:
+        logits: Logits of shape ``[B, T, V]`` (any leading shape; the last dim is ``V``).
+        chunk_size: Number of rows (token positions) handled at once.
+
+    Returns:
+        Entropies in nats, shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
+
+    Raises:
+        ValueError: If ``chunk_size < 1``.
+    """
+    _check_chunk_size(chunk_size)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)  # [N, V]
+    out_dtype = _compute_dtype(logits.dtype)
+    out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
+    for start in range(0, flat_logits.shape[0], chunk_size):
+        stop = start + chunk_size
+        chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
+        probs = torch.softmax(chunk, dim=-1)  # [n, V]
+        out[start:stop] = torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(dim=-1)
+    return out.view(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Completion log-probs, each prompt's forward shared by its group
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""GRPO loss as pure tensor functions.
+"""GRPO advantages and loss as pure tensor functions, with the loss variants in one registry.
 
 Everything here is stateless: the trainer computes log-probabilities, passes them in, and gets back a
-scalar loss plus a flat ``dict[str, float]`` of namespaced metrics ready for logging.
+scalar loss plus a flat ``dict[str, float]`` of namespaced metrics ready for logging. A loss type
+(``grpo``, ``dr_grpo``, ``dapo``) is a :class:`LossVariant` of :data:`LOSS_VARIANTS`: its surrogate,
+its normaliser and its mini-batch share of the full batch, declared together.
 
 Shape legend used in the comments: ``P`` prompts, ``G`` completions per prompt, ``B = P * G``
 sequences, ``T`` completion tokens (padded), ``V`` vocabulary size.
@@ -9,7 +11,9 @@ sequences, ``T`` completion tokens (padded), ``V`` vocabulary size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -17,17 +21,15 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "LOSS_VARIANTS",
     "LossOutput",
+    "LossVariant",
+    "SurrogateOutput",
+    "clipped_surrogate",
     "group_advantages",
     "grpo_loss",
     "k3_kl",
-    "selective_log_softmax",
-    "token_entropy",
 ]
-
-# Rows of the flattened [B*T, V] logits handled at once. With a 152k vocabulary one fp32 chunk is
-# ~150 MB, small next to the logits themselves, while still keeping the Python loop short.
-DEFAULT_CHUNK_SIZE = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,129 +103,6 @@ def group_advantages(
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probabilities and entropy
-# --------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16 logsumexp over a large vocabulary loses ~2 decimal digits, enough to make
-    # exp(logp - old_logp) visibly noisy, so half types are computed (and returned) in fp32.
-    return torch.promote_types(dtype, torch.float32)
-
-
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """Chunked ``log_softmax(logits).gather(index)`` that saves nothing but its inputs.
-
-    Letting autograd trace the chunks would keep one fp32 copy of every chunk alive until backward
-    (a full upcast copy of the logits for bf16 models); recomputing the softmax per chunk in
-    backward keeps peak extra memory at one chunk in both passes.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, index: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
-        vocab = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab)  # [N, V]
-        flat_index = index.reshape(-1, 1)  # [N, 1]
-        out_dtype = _compute_dtype(logits.dtype)
-        out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
-        for start in range(0, flat_logits.shape[0], chunk_size):
-            stop = start + chunk_size
-            chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
-            picked = chunk.gather(1, flat_index[start:stop]).squeeze(1)  # [n]
-            out[start:stop] = picked - torch.logsumexp(chunk, dim=-1)
-        ctx.save_for_backward(logits, index)
-        ctx.chunk_size = chunk_size
-        return out.view(index.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        logits, index = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        vocab = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab)  # [N, V]
-        flat_index = index.reshape(-1, 1)  # [N, 1]
-        flat_grad = grad_out.reshape(-1, 1)  # [N, 1]
-        compute_dtype = _compute_dtype(logits.dtype)
-        grad_logits = torch.empty_like(flat_logits)  # [N, V]
-        for start in range(0, flat_logits.shape[0], ctx.chunk_size):
-            stop = start + ctx.chunk_size
-            probs = torch.softmax(flat_logits[start:stop].to(compute_dtype), dim=-1)  # [n, V]
-            g_out = flat_grad[start:stop].to(compute_dtype)  # [n, 1]
-            # d/dz_j [z_i - logsumexp(z)] = 1[j == i] - softmax(z)_j
-            grad_chunk = probs.mul_(-g_out)
-            grad_chunk.scatter_add_(1, flat_index[start:stop], g_out)
-            grad_logits[start:stop] = grad_chunk.to(logits.dtype)
-        return grad_logits.view(logits.shape), None, None
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-
-
-def selective_log_softmax(
-    logits: Tensor, index: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tensor:
-    """Log-probability of the chosen tokens, without a full ``[B, T, V]`` log-softmax.
-
-    Equivalent to ``torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]`` but the
-    ``B * T`` rows are processed ``chunk_size`` at a time, in forward and in backward, so the
-    extra memory is one ``[chunk_size, V]`` block instead of a second copy of the logits.
-    Differentiable with respect to ``logits`` (first order).
-
-    Args:
-        logits: Logits of shape ``[B, T, V]`` (any leading shape works; the last dim is ``V``).
-        index: Chosen token ids of shape ``[B, T]`` (the leading shape of ``logits``).
-        chunk_size: Number of rows (token positions) handled at once.
-
-    Returns:
-        Log-probabilities of shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
-
-    Raises:
-        ValueError: If the shapes disagree or ``chunk_size < 1``.
-    """
-    if logits.dim() < 1 or tuple(index.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"index shape {tuple(index.shape)} must equal the logits shape without its vocabulary "
-            f"dim; logits shape is {tuple(logits.shape)}"
-        )
-    _check_chunk_size(chunk_size)
-    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
-
-
-@torch.no_grad()
-def token_entropy(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """Entropy of the next-token distribution at every position (a metric; no gradient).
-
-    Computed as ``logsumexp(z) - sum(softmax(z) * z)`` chunk by chunk over rows, which equals
-    ``-sum(p * log p)`` without building ``log p`` for the whole batch.
-
-    Args:
-        logits: Logits of shape ``[B, T, V]`` (any leading shape; the last dim is ``V``).
-        chunk_size: Number of rows (token positions) handled at once.
-
-    Returns:
-        Entropies in nats, shape ``[B, T]``; fp32 for half/bf16 logits, otherwise the logits' dtype.
-
-    Raises:
-        ValueError: If ``chunk_size < 1``.
-    """
-    _check_chunk_size(chunk_size)
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)  # [N, V]
-    out_dtype = _compute_dtype(logits.dtype)
-    out = torch.empty(flat_logits.shape[0], dtype=out_dtype, device=logits.device)  # [N]
-    for start in range(0, flat_logits.shape[0], chunk_size):
-        stop = start + chunk_size
-        chunk = flat_logits[start:stop].to(out_dtype)  # [n, V]
-        probs = torch.softmax(chunk, dim=-1)  # [n, V]
-        out[start:stop] = torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(dim=-1)
-    return out.view(logits.shape[:-1])
-
-
-# --------------------------------------------------------------------------------------------------
 # GRPO loss
 # --------------------------------------------------------------------------------------------------
 
@@ -242,7 +121,7 @@ class LossOutput(NamedTuple):
 
 # A normaliser turns masked per-token losses into one scalar: (per_token [B, T] already zero at
 # padding, mask [B, T] float, max_completion_length) -> scalar.
-_Normaliser = Callable[[Tensor, Tensor, int | None], Tensor]
+Normaliser = Callable[[Tensor, Tensor, int | None], Tensor]
 
 
 def _normalise_grpo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
@@ -267,13 +146,94 @@ def _normalise_dapo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Ten
     return per_token.sum() / mask.sum().clamp(min=1)
 
 
-_NORMALISERS: dict[str, _Normaliser] = {
-    "grpo": _normalise_grpo,
-    "dr_grpo": _normalise_dr_grpo,
-    "dapo": _normalise_dapo,
-}
+# A batch share is the weight of one mini-batch's normalised loss in the full batch's loss, so that
+# the mini-batch losses, each times its share, sum to the full-batch loss: (rows, tokens of the
+# mini-batch, rows, tokens of the full batch) -> weight. It follows the normaliser's denominator.
+BatchShare = Callable[[int, int, int, int], float]
 
-LOSS_TYPES: tuple[str, ...] = tuple(_NORMALISERS)
+
+def _share_of_sequences(rows: int, tokens: int, total_rows: int, total_tokens: int) -> float:
+    # Denominators that count sequences (grpo: a mean over sequences; dr_grpo: B * max_len).
+    return rows / total_rows
+
+
+def _share_of_tokens(rows: int, tokens: int, total_rows: int, total_tokens: int) -> float:
+    # Denominators that count real tokens (dapo).
+    return tokens / total_tokens
+
+
+class SurrogateOutput(NamedTuple):
+    """Per-token policy loss of a surrogate, and where its clipped branch is the active one.
+
+    Attributes:
+        per_token: ``[B, T]`` policy loss per token, exactly 0 at padding.
+        low_clipped: ``[B, T]`` bool, real tokens clipped below (``ratio < 1 - clip_low``, ``A < 0``).
+        high_clipped: ``[B, T]`` bool, real tokens clipped above (``ratio > 1 + clip_high``, ``A > 0``).
+    """
+
+    per_token: Tensor
+    low_clipped: Tensor
+    high_clipped: Tensor
+
+
+# A surrogate: (ratio [B, T] (1 at padding), advantages [B, 1], real [B, T] bool, clip_low,
+# clip_high) -> SurrogateOutput.
+Surrogate = Callable[[Tensor, Tensor, Tensor, float, float], SurrogateOutput]
+
+
+def clipped_surrogate(ratio: Tensor, adv: Tensor, real: Tensor, clip_low: float, clip_high: float) -> SurrogateOutput:
+    """PPO's clipped surrogate per token: ``-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)``.
+
+    Args:
+        ratio: ``[B, T]`` importance ratios ``exp(logp - old_logp)``, 1 at padding.
+        adv: ``[B, 1]`` one advantage per sequence.
+        real: ``[B, T]`` True on real completion tokens.
+        clip_low: Lower clip range.
+        clip_high: Upper clip range.
+
+    Returns:
+        The :class:`SurrogateOutput`.
+    """
+    zeros = torch.zeros_like(ratio)  # [B, T]
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [B, T]
+    # The clipped term is strictly the smaller one exactly in these two cases; naming them gives
+    # the metrics and an explicit min() with no tie-splitting of the gradient.
+    high_clipped = (ratio > 1.0 + clip_high) & (adv > 0) & real  # [B, T]
+    low_clipped = (ratio < 1.0 - clip_low) & (adv < 0) & real  # [B, T]
+    is_clipped = high_clipped | low_clipped  # [B, T]
+    per_token = torch.where(real, -torch.where(is_clipped, clipped, unclipped), zeros)  # [B, T]
+    return SurrogateOutput(per_token, low_clipped, high_clipped)
+
+
+@dataclass(frozen=True)
+class LossVariant:
+    """One loss type: its surrogate, how it reduces tokens to a scalar, and its share of a batch.
+
+    Everything that differs between loss types lives here, so adding one (CISPO, GSPO, ...) is one
+    entry of :data:`LOSS_VARIANTS`: the update asks the variant for each mini-batch's
+    :attr:`batch_share` and :func:`grpo_loss` uses its :attr:`surrogate` and :attr:`normalise`.
+
+    Attributes:
+        surrogate: Per-token policy loss (:func:`clipped_surrogate` for the GRPO family).
+        normalise: Masked per-token losses of one batch -> the scalar loss.
+        batch_share: Weight of a mini-batch's loss in the full-batch loss; it must match the
+            normaliser's denominator (sequences or tokens) for gradient accumulation to be exact.
+    """
+
+    surrogate: Surrogate
+    normalise: Normaliser
+    batch_share: BatchShare
+
+
+LOSS_VARIANTS: Mapping[str, LossVariant] = MappingProxyType({
+    "grpo": LossVariant(clipped_surrogate, _normalise_grpo, _share_of_sequences),
+    "dr_grpo": LossVariant(clipped_surrogate, _normalise_dr_grpo, _share_of_sequences),
+    "dapo": LossVariant(clipped_surrogate, _normalise_dapo, _share_of_tokens),
+})
+"""The loss types by name (``GRPOConfig.loss_type``)."""
+
+LOSS_TYPES: tuple[str, ...] = tuple(LOSS_VARIANTS)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -305,8 +265,8 @@ def _check_inputs(
     loss_type: str,
     max_completion_length: int | None,
 ) -> None:
-    if loss_type not in _NORMALISERS:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid names are {sorted(_NORMALISERS)}")
+    if loss_type not in LOSS_VARIANTS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid names are {sorted(LOSS_VARIANTS)}")
     if logp.dim() != 2:
         raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
     shape = tuple(logp.shape)
@@ -391,7 +351,8 @@ def grpo_loss(
         logp, old_logp, ref_logp, advantages, mask, beta, clip_low, clip_high, loss_type,
         max_completion_length,
     )  # fmt: skip
-    normalise = _NORMALISERS[loss_type]
+    variant = LOSS_VARIANTS[loss_type]
+    normalise = variant.normalise
     real = mask.bool()  # [B, T]
     mask_f = real.to(logp.dtype)  # [B, T]
     zeros = torch.zeros_like(logp)  # [B, T]
@@ -401,14 +362,8 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)  # [B, T]
     adv = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]
 
-    unclipped = ratio * adv  # [B, T]
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [B, T]
-    # The clipped term is strictly the smaller one exactly in these two cases; naming them gives
-    # the metrics and an explicit min() with no tie-splitting of the gradient.
-    high_clipped = (ratio > 1.0 + clip_high) & (adv > 0) & real  # [B, T]
-    low_clipped = (ratio < 1.0 - clip_low) & (adv < 0) & real  # [B, T]
+    policy_per_token, low_clipped, high_clipped = variant.surrogate(ratio, adv, real, clip_low, clip_high)
     is_clipped = high_clipped | low_clipped  # [B, T]
-    policy_per_token = torch.where(real, -torch.where(is_clipped, clipped, unclipped), zeros)  # [B, T]
 
     per_token = policy_per_token
     kl_per_token: Tensor | None = None

@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
+from llm_gym.algorithms.grpo.logps import selective_log_softmax, token_entropy
 from llm_gym.algorithms.grpo.loss import (
     LOSS_TYPES,
     LossOutput,
     group_advantages,
     grpo_loss,
     k3_kl,
-    selective_log_softmax,
-    token_entropy,
 )
 
 TOL = 1e-6
