@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "GRPO",
+    "GRPOConfig",
     "GRPOHyperParams",
     "GenerationBackend",
     "HFGenerationBackend",
@@ -32,7 +33,8 @@ __all__ = [
 
 _WHERE = {
     "GRPO": "grpo.agent",
-    "GRPOHyperParams": "grpo.agent",
+    "GRPOConfig": "grpo.config",
+    "GRPOHyperParams": "grpo.config",
     "GenerationBackend": "rollout.backend",
     "HFGenerationBackend": "rollout.hf",
     "SamplingConfig": "rollout.backend",
@@ -40,8 +42,8 @@ _WHERE = {
     "LOSS_TYPES": "grpo.loss",
     "group_advantages": "grpo.loss",
     "grpo_loss": "grpo.loss",
-    "selective_log_softmax": "grpo.loss",
-    "token_entropy": "grpo.loss",
+    "selective_log_softmax": "grpo.logps",
+    "token_entropy": "grpo.logps",
     "HyperparameterConfig": "evolution.genes",
     "Mutations": "evolution.mutation",
     "RLParameter": "evolution.genes",

@@ -44,7 +44,7 @@ CONFIGS = ("generate", "lean", "lean+merge", "window", "shared-prompt", "preallo
 
 def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``GRPO._logps`` as it was before the update optimisations: padding mask, logits everywhere."""
-    from llm_gym.algorithms.grpo.loss import selective_log_softmax, token_entropy
+    from llm_gym.algorithms.grpo.logps import selective_log_softmax, token_entropy
 
     logits = agent.model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False).logits
     logits = logits[:, mb.first : -1]
@@ -55,7 +55,7 @@ def _logps_before(agent: Any, mb: Any, entropy: bool = False) -> tuple[torch.Ten
 @contextlib.contextmanager
 def configured(agent: Any, name: str) -> Iterator[None]:
     """Switch the agent to configuration ``name`` for the duration of the block."""
-    from llm_gym.algorithms.grpo import agent as grpo
+    from llm_gym.algorithms.grpo import update as grpo
 
     backend = agent.backend
     saved = (backend.use_generate, backend.merge_lora, grpo.base_model_only, agent.share_prompt_forward,

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 
 from benchmarks.learning import RESULTS, LearningConfig, build_agent_and_env, peak_rss_mib, sft_model
-from llm_gym.algorithms.rollout.evaluation import held_out_metrics
+from llm_gym.algorithms.rollout.rollout import evaluate
 
 logger = logging.getLogger("benchmarks.evolution")
 
 
 def sampled_reward(agent: Any, env: Any) -> float:
     """Mean total reward of ``group_size`` completions sampled per held-out problem."""
-    return held_out_metrics(agent, env, greedy=False)["reward/total"]
+    return evaluate(agent, env, greedy=False)["reward/total"]
 
 
 def held_out(agent: Any, env: Any) -> dict[str, float]:

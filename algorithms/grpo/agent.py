@@ -3,24 +3,22 @@
 Keeps the constructor and the ``get_action`` / ``learn`` / ``test`` / ``save_checkpoint`` methods of
 AgileRL's ``GRPO`` (seed 001), so a script written for it runs with only its imports changed.
 
+The class only wires its parts: the settings are a :class:`~llm_gym.algorithms.grpo.config.GRPOConfig`,
+the model helpers live in :mod:`~llm_gym.algorithms.grpo.model`, generation in a backend chosen by
+name (:func:`~llm_gym.algorithms.rollout.backend.make_backend`), the update in
+:mod:`~llm_gym.algorithms.grpo.update`, evaluation in :mod:`~llm_gym.algorithms.rollout.rollout`
+and the checkpoint files in :mod:`~llm_gym.algorithms.grpo.checkpoint`.
+
 Designed for populations: several agents can share ONE base model through PEFT multi-adapter,
 each with its own ``adapter_name``, optimizer and hyper-parameters (:meth:`GRPO.clone`). The
 reference policy is the same model with adapters disabled, so no second copy of the weights exists.
-
-Defaults (TRL / AgileRL conventions, tuned for LoRA): ``lr=5e-5`` (LoRA needs a larger step than
-full fine-tuning's ~1e-6), ``beta=0.04``, ``clip_coef=0.2``, ``group_size=8``, ``temperature=1.0``,
-``top_p=1.0``, ``top_k=0`` (off), ``max_output_tokens=1024``, ``max_grad_norm=1.0``,
-``update_epochs=1``, ``loss_type="grpo"``, ``scale_rewards=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import logging
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,25 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.grpo.config import (
-    GRPOHyperParams,
+from llm_gym.algorithms.grpo import update
+from llm_gym.algorithms.grpo.config import FIXED_SETTINGS, GRPOConfig
+from llm_gym.algorithms.grpo.model import (
+    adapter_params,
     check_pad_token_id,
-    clip_pair,
-    default_lora_config,
+    copy_adapter,
+    load_model,
     resolve_device,
+    wrap_peft,
 )
-from llm_gym.algorithms.grpo.logps import completion_logps
-from llm_gym.algorithms.grpo.loss import group_advantages, grpo_loss
 from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
-from llm_gym.algorithms.plumbing.lora_swap import base_model_only, fused_lora
-from llm_gym.algorithms.rollout.backend import SamplingConfig, generation_budget
-from llm_gym.algorithms.rollout.completions import MiniBatch, mini_batches, pack_completions, select_rows
-from llm_gym.algorithms.rollout.evaluation import held_out_metrics
-from llm_gym.algorithms.rollout.hf import HFGenerationBackend
+from llm_gym.algorithms.rollout.backend import SamplingConfig, check_backend, generation_budget, make_backend
+from llm_gym.algorithms.rollout.completions import MiniBatch
+from llm_gym.algorithms.rollout.hf import resolve_eos
+from llm_gym.algorithms.rollout.rollout import evaluate
 
-__all__ = ["GRPO", "GRPOHyperParams"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["GRPO"]
 
 
 class GRPO:
@@ -58,33 +54,32 @@ class GRPO:
         pad_token_id: Padding id (seed 001 passes ``tokenizer.eos_token_id``).
         pad_token: The padding token string (kept for AgileRL compatibility and checkpoints).
         lora_config: ``peft.LoraConfig``; default ``r=16, alpha=32, all-linear``.
-        batch_size: Sequences per mini-batch in :meth:`learn`.
-        max_model_len: Context length (prompt + completion). When a prompt plus
-            ``max_output_tokens`` does not fit, the batch's generation budget is cut to fit, with a
-            warning (once); a prompt that fills the context alone raises ``ValueError``.
-        group_size: Completions per prompt (>= 2).
+        config: The agent's settings; ``**hyperparameters`` replace single fields of it.
         accelerator: An ``accelerate.Accelerator``; only its device is used for now.
-        use_vllm: Generate with vLLM (CUDA; ``pip install "llm-gym[vllm]"``).
-        vllm_config: :class:`~llm_gym.algorithms.vllm_backend.VLLMConfig`.
-        lr, beta, clip_coef, max_grad_norm, update_epochs, temperature, top_p, top_k, max_output_tokens,
-        loss_type, scale_rewards: See :class:`GRPOHyperParams`; ``clip_coef`` is a float or a
-            ``(low, high)`` pair.
+        use_vllm: Seed 001's switch: ``backend="vllm"`` (CUDA; ``pip install "llm-gym[vllm]"``).
+        vllm_config: Seed 001's name for the vLLM engine settings
+            (:class:`~llm_gym.algorithms.rollout.vllm.VLLMConfig`) when the backend is vLLM.
+        backend_config: The generation backend's own settings (any backend); None for its defaults.
         seed: Seeds torch's global RNG (sampling) when given.
         dtype: Dtype when loading ``model_name`` from a path (default: bf16 on CUDA, fp32 on CPU).
         device: Device; default the accelerator's, else CUDA when available, else CPU.
         eos_token_id: Id(s) that end a completion; default the model's generation config.
         adapter_name: Name of this agent's adapter in the (possibly shared) PEFT model.
         index: The agent's id in a population (kept in checkpoints and lineage).
+        **hyperparameters: Fields of :class:`GRPOConfig` (``lr``, ``beta``, ``group_size``,
+            ``batch_size``, ``max_model_len``, ``max_output_tokens``, ``loss_type``, ``backend``, ...),
+            plus ``clip_coef`` (a float or a ``(low, high)`` pair). Unknown names are refused.
 
     Attributes:
+        hps: The :class:`GRPOConfig` (frozen; change it with :meth:`set_hp`).
         share_prompt_forward: In :meth:`learn`, run each prompt once per mini-batch and share its KV
             cache across the group's completions (:mod:`~llm_gym.algorithms.grpo.logps`).
             True by default; the result equals the per-row pass up to float rounding.
         fuse_lora: In :meth:`learn`'s policy pass, run plain LoRA layers as one in-place ``addmm``
-            per layer (:func:`~llm_gym.algorithms.lora_swap.fused_lora`); True by default.
+            per layer (:func:`~llm_gym.algorithms.plumbing.lora_swap.fused_lora`); True by default.
 
     Raises:
-        ValueError: On a bad hyper-parameter, a missing model or a bad ``pad_token_id``.
+        ValueError: On a bad or unknown hyper-parameter, a missing model or a bad ``pad_token_id``.
         ImportError: ``use_vllm=True`` without vLLM installed.
     """
 
@@ -95,70 +90,39 @@ class GRPO:
         pad_token_id: int | None = None,
         pad_token: str | None = None,
         lora_config: Any | None = None,
-        batch_size: int = 16,
-        max_model_len: int | None = None,
-        group_size: int = 8,
+        *,
+        config: GRPOConfig | None = None,
         accelerator: Any | None = None,
         use_vllm: bool = False,
         vllm_config: Any | None = None,
-        *,
-        lr: float = 5e-5,
-        beta: float = 0.04,
-        clip_coef: float | Sequence[float] = 0.2,
-        max_grad_norm: float = 1.0,
-        update_epochs: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_output_tokens: int = 1024,
-        loss_type: str = "grpo",
-        scale_rewards: bool = True,
+        backend_config: Any | None = None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         adapter_name: str = "default",
         index: int = 0,
+        **hyperparameters: Any,
     ) -> None:
-        clip_low, clip_high = clip_pair(clip_coef)
-        self.hps = GRPOHyperParams(
-            lr=lr, beta=beta, clip_low=clip_low, clip_high=clip_high, group_size=group_size,
-            batch_size=batch_size, max_grad_norm=max_grad_norm, update_epochs=update_epochs,
-            temperature=temperature, top_p=top_p, top_k=top_k, max_output_tokens=max_output_tokens,
-            loss_type=loss_type, scale_rewards=scale_rewards,
-        )  # fmt: skip
-        self.hps.validate()
-        if max_model_len is not None and max_model_len < 2:
-            raise ValueError(f"max_model_len={max_model_len} must be >= 2 (prompt + at least one token) or None")
+        self.hps = _seed_config(config, use_vllm, hyperparameters)
+        if backend_config is None and self.hps.backend == "vllm":
+            backend_config = vllm_config  # seed 001's name for the engine settings
+        check_backend(self.hps.backend)  # fail before loading any weights
         if seed is not None:
             torch.manual_seed(seed)
         self.seed = seed
-        self.max_model_len = max_model_len
         self.accelerator = accelerator
         self.device = resolve_device(device, accelerator)
         if self.device.type == "cpu":
             retain_freed_memory()  # large activations reused, not page-faulted anew each step (cpu_allocator)
         self.adapter_name = adapter_name
-        self.use_vllm = use_vllm
-        self.vllm_config = vllm_config
-
-        if use_vllm:  # fail before loading any weights
-            from llm_gym.algorithms.rollout.vllm import import_vllm
-
-            import_vllm()
         model = actor_network if actor_network is not None else model_name
         if model is None:
             raise ValueError("give model_name (a local path or hub id) or actor_network (a model object)")
-        self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-
-            if dtype is None:
-                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        model, self.model_id = load_model(model, self.device, dtype)
         self.pad_token_id, self.pad_token = check_pad_token_id(model, pad_token_id), pad_token
-        self.model = self._wrap_peft(model, lora_config).to(self.device)
-        self.eos_token_ids = self._resolve_eos(eos_token_id)
+        self.model = wrap_peft(model, lora_config, adapter_name).to(self.device)
+        self.eos_token_ids = resolve_eos(self.model, eos_token_id, self.pad_token_id)
         self._activate()
         self.optimizer = self._make_optimizer()
 
@@ -168,58 +132,22 @@ class GRPO:
         self.last_eval: dict[str, float] = {}
         self.steps = 0
         self.skipped_updates = 0
+        self.mut = "None"
         self._budget_warned = False
         self._weights_dirty = True
         self.share_prompt_forward = True
         self.fuse_lora = True
-        if use_vllm:
-            from llm_gym.algorithms.rollout.vllm import VLLMBackend, VLLMConfig
-
-            self.vllm_config = vllm_config if vllm_config is not None else VLLMConfig()
-            self.backend: Any = VLLMBackend(self, self.vllm_config)
-        else:
-            self.backend = HFGenerationBackend(self.model, self.pad_token_id, self.eos_token_ids)
+        self.backend_config = backend_config
+        self.backend: Any = make_backend(self.hps.backend, self, backend_config)
 
     # ------------------------------------------------------------------ setup
-    def _wrap_peft(self, model: Any, lora_config: Any) -> Any:
-        from peft import PeftModel, get_peft_model
-
-        if isinstance(model, PeftModel):
-            if self.adapter_name not in model.peft_config:
-                model.add_adapter(self.adapter_name, lora_config or default_lora_config())
-            return model
-        if not hasattr(model, "generate"):
-            raise ValueError(
-                f"the model must be a causal LM with generate() (e.g. AutoModelForCausalLM), got {type(model).__name__}"
-            )
-        return get_peft_model(model, lora_config or default_lora_config(), adapter_name=self.adapter_name)
-
-    def _resolve_eos(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
-        if eos_token_id is None:
-            for source in (getattr(self.model, "generation_config", None), getattr(self.model, "config", None)):
-                eos_token_id = getattr(source, "eos_token_id", None)
-                if eos_token_id is not None:
-                    break
-        if eos_token_id is None:
-            warnings.warn(
-                "no eos_token_id given or found in the model config: using pad_token_id as EOS",
-                stacklevel=3,
-            )
-            eos_token_id = self.pad_token_id
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        return [int(i) for i in ids]
-
     def _activate(self) -> None:
         """Make this agent's adapter the active (and only trainable) one of the shared model."""
         if self.model.active_adapter != self.adapter_name:
             self.model.set_adapter(self.adapter_name)
 
     def _adapter_params(self) -> list[torch.nn.Parameter]:
-        marker = f".{self.adapter_name}."
-        params = [p for n, p in self.model.named_parameters() if marker in n]
-        if not params:
-            raise ValueError(f"adapter {self.adapter_name!r} has no parameters in the model")
-        return params
+        return adapter_params(self.model, self.adapter_name)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = self._adapter_params()
@@ -227,39 +155,56 @@ class GRPO:
             p.requires_grad_(True)
         return torch.optim.AdamW(params, lr=self.hps.lr)
 
+    @property
+    def max_model_len(self) -> int | None:
+        """Context length (prompt + completion), or None."""
+        return self.hps.max_model_len
+
+    @property
+    def use_vllm(self) -> bool:
+        """Whether this agent generates with vLLM (seed 001's flag)."""
+        return self.hps.backend == "vllm"
+
     # ------------------------------------------------------- hyper-parameters
-    def set_hyperparameter(self, name: str, value: Any) -> None:
+    def get_hp(self, name: str) -> Any:
+        """One hyper-parameter (the evolution protocol's reader).
+
+        Args:
+            name: A field of :class:`GRPOConfig`, or ``"clip_coef"``.
+
+        Returns:
+            Its value (``clip_coef``: one float when symmetric, else ``(low, high)``).
+
+        Raises:
+            KeyError: On an unknown name.
+        """
+        if name not in GRPOConfig.names():
+            raise KeyError(f"unknown hyper-parameter {name!r}; valid names are {GRPOConfig.names()}")
+        return getattr(self.hps, name)
+
+    def set_hp(self, name: str, value: Any) -> None:
         """Change one hyper-parameter (mutation), keeping the optimizer in sync.
 
         Args:
-            name: A field of :class:`GRPOHyperParams`, or ``"clip_coef"`` (sets both clip bounds).
+            name: A field of :class:`GRPOConfig` other than ``max_model_len`` and ``backend`` (fixed
+                when the agent is built), or ``"clip_coef"`` (sets both clip bounds).
             value: The new value.
 
         Raises:
-            ValueError: On an unknown name or an invalid value (the old value is kept).
+            ValueError: On an unknown or fixed name, or an invalid value (the old value is kept).
         """
-        if name == "clip_coef":
-            low, high = clip_pair(value)
-            new = dataclasses.replace(self.hps, clip_low=low, clip_high=high)
-        elif name in {f.name for f in dataclasses.fields(GRPOHyperParams)}:
-            new = dataclasses.replace(self.hps, **{name: value})
-        else:
-            valid = [f.name for f in dataclasses.fields(GRPOHyperParams)] + ["clip_coef"]
-            raise ValueError(f"unknown hyper-parameter {name!r}; valid names are {valid}")
-        new.validate()
-        self.hps = new
+        if name in FIXED_SETTINGS:
+            raise ValueError(f"{name} is fixed when the agent is built; build a new agent to change it")
+        self.hps = self.hps.replace(**{name: value})
         for group in self.optimizer.param_groups:
             group["lr"] = self.hps.lr
 
-    def set_hp(self, name: str, value: Any) -> None:
-        """Alias of :meth:`set_hyperparameter` (the evolution protocol's name)."""
-        self.set_hyperparameter(name, value)
+    set_hyperparameter = set_hp
 
     @property
     def clip_coef(self) -> float | tuple[float, float]:
         """The clip range: one float when symmetric, else ``(low, high)``."""
-        low, high = self.hps.clip_low, self.hps.clip_high
-        return low if low == high else (low, high)
+        return self.hps.clip_coef
 
     @property
     def lr(self) -> float:
@@ -268,7 +213,7 @@ class GRPO:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.set_hyperparameter("lr", value)
+        self.set_hp("lr", value)
 
     @property
     def beta(self) -> float:
@@ -277,7 +222,7 @@ class GRPO:
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self.set_hyperparameter("beta", value)
+        self.set_hp("beta", value)
 
     @property
     def group_size(self) -> int:
@@ -286,7 +231,7 @@ class GRPO:
 
     @group_size.setter
     def group_size(self, value: int) -> None:
-        self.set_hyperparameter("group_size", value)
+        self.set_hp("group_size", value)
 
     @property
     def batch_size(self) -> int:
@@ -300,18 +245,19 @@ class GRPO:
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self.set_hyperparameter("temperature", value)
+        self.set_hp("temperature", value)
 
     # ------------------------------------------------------------- generation
     def get_action(
-        self, prompts: Sequence[dict[str, Any]], training: bool = True
+        self, prompts: Sequence[dict[str, Any]], training: bool = True, group_size: int | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Generate completions for a batch of prompts, with one generation call for all of them.
 
         Args:
             prompts: The environment's prompts (``input_ids``/``attention_mask`` ``[1, L_i]``).
-            training: True: sample ``group_size`` completions per prompt; False: one greedy
-                completion per prompt (evaluation).
+            training: True: sample with the agent's settings; False: greedy (evaluation).
+            group_size: Completions per prompt; default ``group_size`` when training, else 1.
+                The multi-turn rollout asks for 1 per trajectory after the first turn.
 
         Returns:
             ``(completion_ids, action_masks)``: per prompt ``[G, L_i + C_i]`` ids (prompt then
@@ -325,9 +271,10 @@ class GRPO:
         if not prompts:
             raise ValueError("got no prompts: pass the list that env.reset() / env.step() returned")
         longest = max(int(torch.as_tensor(p["input_ids"]).shape[-1]) for p in prompts)
-        budget = self._budget(longest)
+        if group_size is None:
+            group_size = self.hps.group_size if training else 1
         sampling = SamplingConfig(
-            group_size=self.hps.group_size if training else 1, max_new_tokens=budget, greedy=not training,
+            group_size=group_size, max_new_tokens=self._budget(longest), greedy=not training,
             temperature=self.hps.temperature, top_p=self.hps.top_p, top_k=self.hps.top_k,
         )  # fmt: skip
         if self._weights_dirty:
@@ -339,28 +286,19 @@ class GRPO:
     def _budget(self, prompt_len: int) -> int:
         requested = self.hps.max_output_tokens
         # Warn once per agent, not once per batch.
-        budget = generation_budget(prompt_len, requested, self.max_model_len, warn=not self._budget_warned)
+        budget = generation_budget(prompt_len, requested, self.hps.max_model_len, warn=not self._budget_warned)
         self._budget_warned = self._budget_warned or budget < requested
         return budget
 
     # ----------------------------------------------------------------- update
     def _logps(self, mb: MiniBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        return completion_logps(self.model, mb, entropy=entropy, share_prompt=self.share_prompt_forward)
+        return update.policy_logps(self, mb, entropy)
 
-    @torch.no_grad()
     def _frozen_logps(self, batches: list[MiniBatch], reference: bool) -> list[Tensor]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            if reference:
-                with base_model_only(self.model):  # = disable_adapter(), without PEFT's wrappers
-                    return [self._logps(mb)[0] for mb in batches]
-            return [self._logps(mb)[0] for mb in batches]
-        finally:
-            self.model.train(was_training)
+        return update.frozen_logps(self, batches, reference)
 
     def learn(self, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Tensor]) -> dict[str, float]:
-        """One GRPO update on a batch of experience.
+        """One GRPO update on a batch of experience (:func:`~llm_gym.algorithms.grpo.update.learn`).
 
         Gradients are accumulated over all mini-batches (``batch_size`` sequences each), weighted
         so the result equals the full-batch loss, and the optimizer steps once per update epoch.
@@ -370,7 +308,8 @@ class GRPO:
 
         Args:
             experiences: ``(completion_ids, action_masks, rewards)`` from :meth:`get_action` and
-                ``env.step``; ``rewards`` has shape ``[P, G]``.
+                ``env.step`` (or a :class:`~llm_gym.algorithms.rollout.rollout.Rollout`'s
+                ``experience``); ``rewards`` has shape ``[P, G]``.
 
         Returns:
             Metrics. AgileRL returned ``(loss, kl)``: here they are ``metrics["loss"]`` and
@@ -382,116 +321,27 @@ class GRPO:
         Raises:
             ValueError: On shapes that do not match ``[P, G]``.
         """
-        completion_ids, action_masks, rewards = experiences
-        rewards = torch.as_tensor(rewards, dtype=torch.float32)
-        if rewards.dim() != 2 or rewards.shape[0] != len(completion_ids):
-            raise ValueError(
-                f"rewards must be [P, G] with P = {len(completion_ids)} prompts, got shape {tuple(rewards.shape)}"
-            )
-        group = rewards.shape[1]
-        self._activate()
-        advantages, adv_metrics = group_advantages(rewards, scale=self.hps.scale_rewards)  # [P, G]
-        advantages = advantages.reshape(-1)  # [B], prompt-major like the packed rows
-        packed = pack_completions(completion_ids, action_masks, group, self.pad_token_id)
-        # Normalisers count every sequence, trained on or not, so dropping rows below changes nothing.
-        total_seqs = packed.ids.shape[0]
-        total_tokens = max(int(packed.mask.sum()), 1)
-        length_mean = float(packed.mask.sum(dim=1).float().mean())
-        if self.hps.beta == 0:
-            # With no KL term a zero advantage means a zero gradient: skip those rows' forward and
-            # backward (groups whose rewards all tie). Their loss and clip fraction are exactly 0.
-            trained = advantages != 0  # [B]
-            packed, advantages = select_rows(packed, trained), advantages[trained]
-        batches = mini_batches(packed, self.hps.batch_size, self.device) if packed.ids.shape[0] else []
-        weights, advs = [], []
-        for mb in batches:
-            # Weight making the sum over mini-batches equal the full-batch normalisation.
-            dapo = self.hps.loss_type == "dapo"
-            weights.append(mb.mask.sum().item() / total_tokens if dapo else mb.ids.shape[0] / total_seqs)
-            advs.append(advantages[mb.rows].to(self.device))
-
-        ref = self._frozen_logps(batches, reference=True) if self.hps.beta > 0 else [None] * len(batches)
-        old = self._frozen_logps(batches, reference=False) if self.hps.update_epochs > 1 else [None] * len(batches)
-
-        sums: dict[str, float] = {}
-        grad_norms, skipped = [], 0
-        entropy_sum, entropy_tokens = 0.0, 0
-        params = self._adapter_params()
-        self.model.train()
-        fused = fused_lora(self.model) if self.fuse_lora else contextlib.nullcontext()
-        with fused:  # the LoRA layers as in-place addmm for forward and backward (lora_swap)
-            for epoch in range(self.hps.update_epochs):
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = True
-                for mb, weight, adv, ref_logp, old_logp in zip(batches, weights, advs, ref, old, strict=True):
-                    logp, ent = self._logps(mb, entropy=epoch == 0)
-                    out = grpo_loss(
-                        logp, old_logp, ref_logp, adv, mb.mask, beta=self.hps.beta,
-                        clip_low=self.hps.clip_low, clip_high=self.hps.clip_high, loss_type=self.hps.loss_type,
-                        max_completion_length=self.hps.max_output_tokens,
-                    )  # fmt: skip
-                    if not torch.isfinite(out.loss):
-                        finite = False
-                        break
-                    (out.loss * weight).backward()
-                    for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                        sums[key] = sums.get(key, 0.0) + value * weight / self.hps.update_epochs
-                    if ent is not None:
-                        entropy_sum += float(ent[mb.mask].sum())
-                        entropy_tokens += int(mb.mask.sum())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.hps.max_grad_norm)) if finite else math.nan
-                if not finite or not math.isfinite(grad_norm):
-                    skipped += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    warnings.warn(
-                        f"GRPO update skipped at step {self.steps} (epoch {epoch}): non-finite "
-                        f"{'loss' if not finite else 'gradient norm'}; counted in grpo/skipped_updates",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    continue
-                grad_norms.append(grad_norm)
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        self.skipped_updates += skipped
-        self._weights_dirty = True
-
-        # The losses are full-batch objectives (skipped rows add exactly 0); the other per-token
-        # metrics (clip fractions, ratio, KL) describe the rows actually trained on.
-        kept = sum(weights)
-        metrics = {key: (value if key in ("loss", "loss/policy") or not kept else value / kept)
-                   for key, value in sums.items() if key not in adv_metrics}  # fmt: skip
-        if not batches:
-            metrics.update({"loss": 0.0, "loss/policy": 0.0, "grpo/clip_fraction": 0.0, "grpo/ratio_mean": 1.0})
-        metrics.setdefault("loss/kl", 0.0)
-        metrics.update(adv_metrics)
-        metrics["completion/length_mean"] = length_mean
-        metrics["grpo/entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan  # trained rows
-        metrics["grpo/trained_fraction"] = packed.ids.shape[0] / total_seqs
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
-        metrics["grpo/skipped_updates"] = float(skipped)
-        metrics["grpo/lr"] = self.hps.lr
-        return metrics
+        return update.learn(self, experiences)
 
     # ------------------------------------------------------------- evaluation
     def test(self, env: Any, max_problems: int | None = None) -> float:
         """Fitness: mean total reward of greedy completions over the env's test split.
 
         Every test problem is answered exactly once (or the first ``max_problems``, rounded up to
-        whole batches). The env's training position and pending training batch are untouched:
-        ReasoningGym keeps them per split.
+        whole batches), through the same rollout as training
+        (:func:`~llm_gym.algorithms.rollout.rollout.evaluate`). The env's training position and
+        pending training batch are untouched: ReasoningGym keeps them per split.
 
         Args:
-            env: A :class:`~llm_gym.reasoning_gym.ReasoningGym` (or an env with ``eval_mode``,
-                ``reset``, ``step`` and ``last_metrics``).
+            env: A :class:`~llm_gym.reasoning_gym.ReasoningGym`, or a multi-turn env of the
+                rollout's protocol.
             max_problems: Evaluate at most about this many problems.
 
         Returns:
-            The fitness, also appended to ``self.fitness``; the weighted mean of the env's
-            ``last_metrics()`` is stored in ``self.last_eval``.
+            The fitness, also appended to ``self.fitness``; every metric of the evaluation is
+            stored in ``self.last_eval``.
         """
-        self.last_eval = held_out_metrics(self, env, max_problems)
+        self.last_eval = evaluate(self, env, max_problems)
         score = self.last_eval.get("reward/total", math.nan)
         self.fitness.append(score)
         return score
@@ -538,13 +388,6 @@ class GRPO:
         self._weights_dirty = True
 
     # ------------------------------------------------------------ populations
-    @classmethod
-    def population(cls, size: int, **kwargs: Any) -> list[GRPO]:
-        """``size`` agents on one shared base model (see :func:`~llm_gym.algorithms.population.create_population`)."""
-        from llm_gym.algorithms.grpo.population import create_population
-
-        return create_population(size, **kwargs)
-
     def clone(self, index: int | None = None, adapter_name: str | None = None) -> GRPO:
         """A copy of this agent as a new adapter on the SAME base model (no copy of the base).
 
@@ -562,8 +405,6 @@ class GRPO:
         Raises:
             ValueError: If the adapter name is already taken.
         """
-        from llm_gym.algorithms.grpo.population import copy_adapter
-
         if adapter_name is None and index is not None and f"agent{index}" not in self.model.peft_config:
             adapter_name = f"agent{index}"  # else the first free "<name>_clone<k>"
         adapter_name = copy_adapter(self.model, self.adapter_name, adapter_name)
@@ -591,3 +432,19 @@ class GRPO:
                 self.model.set_adapter(next(n for n in self.model.peft_config if n != self.adapter_name))
             self.model.delete_adapter(self.adapter_name)
         self.optimizer.state.clear()
+
+
+def _seed_config(config: GRPOConfig | None, use_vllm: bool, hyperparameters: dict[str, Any]) -> GRPOConfig:
+    """The agent's config from seed 001's keywords: ``config`` with ``hyperparameters`` replaced, and
+    ``use_vllm=True`` as ``backend="vllm"``.
+
+    Raises:
+        ValueError: On an unknown keyword (listing the valid ones), an invalid value, or ``use_vllm``
+            contradicting ``backend``.
+    """
+    built = GRPOConfig.build(config, **hyperparameters)
+    if not use_vllm:
+        return built
+    if hyperparameters.get("backend", "vllm") != "vllm" or built.backend not in ("hf", "vllm"):
+        raise ValueError(f"use_vllm=True contradicts backend={built.backend!r}: give only one of them")
+    return dataclasses.replace(built, backend="vllm")

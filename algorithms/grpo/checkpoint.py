@@ -4,7 +4,7 @@ A checkpoint folder holds ``adapter_config.json`` + ``adapter_model.safetensors`
 ``PeftModel.from_pretrained(base, path)`` or by vLLM), ``llm_gym_agent.json`` (hyper-parameters,
 fitness, steps, lineage) and ``optimizer.pt``. :class:`~llm_gym.algorithms.grpo.GRPO` calls these
 functions from ``write_checkpoint`` / ``load_checkpoint``; atomicity is the caller's business
-(:func:`~llm_gym.algorithms.checkpointing.atomic_directory`).
+(:func:`~llm_gym.algorithms.plumbing.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llm_gym.algorithms.grpo.config import GRPOHyperParams
+from llm_gym.algorithms.grpo.config import FIXED_SETTINGS
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AGENT_FILE", "OPTIMIZER_FILE", "read_agent_files", "write_agent_files"]
 
@@ -102,9 +102,8 @@ def read_agent_files(agent: Any, path: str | Path) -> None:
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"checkpoint {path} has tensors this adapter lacks: {result.unexpected_keys[:5]}")
     meta = json.loads((path / AGENT_FILE).read_text())
-    hps = GRPOHyperParams(**meta["hyperparameters"])
-    hps.validate()
-    agent.hps = hps
+    # The agent keeps its own fixed settings (its generation engine is built around them).
+    agent.hps = agent.hps.replace(**{k: v for k, v in meta["hyperparameters"].items() if k not in FIXED_SETTINGS})
     agent.fitness = [float(f) for f in meta.get("fitness", [])]
     agent.steps = int(meta.get("steps", 0))
     agent.skipped_updates = int(meta.get("skipped_updates", 0))

@@ -1,31 +1,34 @@
-"""Generation backends: turn a batch of prompts into ``G`` completions each.
+"""Generation backends: the protocol, its settings and its outputs, and the backends chosen by name.
 
 A backend takes the environment's prompts (``{"input_ids": [1, L_i], "attention_mask": [1, L_i],
-"text": str | None}``) and returns, per prompt, AgileRL's format:
-
-* ``completion_ids``: ``[G, L_i + C_i]``, the prompt's own (unpadded) ids followed by the generated
-  ids, right-padded with ``pad_token_id``;
-* ``action_mask``: ``[G, L_i + C_i - 1]`` bool, aligned with next-token logits: position ``t`` is
-  True when token ``t + 1`` is a generated token, up to and including the first EOS.
-
-The mask is built from what was generated, never from the ids: with ``pad_token = eos_token``
-(seed 001) padding cannot be told apart from a real EOS by looking at ids.
-
-:class:`HFGenerationBackend` uses the training model itself (the CPU default: a lean decoding loop,
-:mod:`llm_gym.algorithms.rollout.decoding`, or ``transformers`` ``generate``); the vLLM backend
-lives in :mod:`llm_gym.algorithms.rollout.vllm` and is imported only when asked for.
+"text": str | None}``) and returns, per prompt, ``G`` completions in the format of
+:mod:`~llm_gym.algorithms.rollout.completions` (ids ``[G, L_i + C_i]``, action masks
+``[G, L_i + C_i - 1]``). Backends are named in :data:`BACKENDS` and built by :func:`make_backend`:
+``"hf"`` (:mod:`~llm_gym.algorithms.rollout.hf`, the training model itself, the CPU default) and
+``"vllm"`` (:mod:`~llm_gym.algorithms.rollout.vllm`, imported only when asked for).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["GenerationBackend", "GenerationOutput", "SamplingConfig", "generation_budget"]
+__all__ = [
+    "BACKENDS",
+    "BackendSpec",
+    "GenerationBackend",
+    "GenerationOutput",
+    "SamplingConfig",
+    "check_backend",
+    "generation_budget",
+    "make_backend",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +121,71 @@ def generation_budget(
             prompt_len, max_output_tokens, max_model_len, budget,
         )  # fmt: skip
     return budget
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends by name
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Where a generation backend comes from: ``"module:function"`` references, imported only when used.
+
+    Attributes:
+        build: ``(agent, config) -> GenerationBackend``; ``config`` is the backend's own settings
+            object (e.g. :class:`~llm_gym.algorithms.rollout.vllm.VLLMConfig`) or None for its defaults.
+        preflight: ``() -> None``, run before the agent loads any weights, so a missing dependency
+            fails in seconds (e.g. vLLM not installed); None when there is nothing to check.
+    """
+
+    build: str
+    preflight: str | None = None
+
+
+BACKENDS: Mapping[str, BackendSpec] = MappingProxyType({
+    "hf": BackendSpec("llm_gym.algorithms.rollout.hf:build_hf_backend"),
+    "vllm": BackendSpec("llm_gym.algorithms.rollout.vllm:build_vllm_backend",
+                        preflight="llm_gym.algorithms.rollout.vllm:import_vllm"),
+})  # fmt: skip
+"""The generation backends by name (``GRPOConfig.backend``). A new backend is one entry here."""
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _spec(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends are {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def check_backend(name: str) -> None:
+    """Run backend ``name``'s preflight check (before any weights are loaded).
+
+    Raises:
+        ValueError: On an unknown name.
+        ImportError: When the backend's dependency is missing (with how to install it).
+    """
+    spec = _spec(name)
+    if spec.preflight is not None:
+        _load(spec.preflight)()
+
+
+def make_backend(name: str, agent: Any, config: Any = None) -> GenerationBackend:
+    """Build generation backend ``name`` for ``agent``.
+
+    Args:
+        name: A key of :data:`BACKENDS`.
+        agent: The agent it generates for (its model, adapter, special ids, context length).
+        config: The backend's settings, or None for its defaults.
+
+    Returns:
+        The backend.
+
+    Raises:
+        ValueError: On an unknown name.
+    """
+    return _load(_spec(name).build)(agent, config)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +13,33 @@ from torch import Tensor
 from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 
-__all__ = ["HFGenerationBackend"]
+__all__ = ["HFGenerationBackend", "build_hf_backend", "resolve_eos"]
+
+
+def resolve_eos(model: Any, eos_token_id: int | Sequence[int] | None, pad_token_id: int) -> list[int]:
+    """The ids that end a completion: ``eos_token_id`` if given, else the model's generation config's.
+
+    Args:
+        model: The causal LM.
+        eos_token_id: Id(s) given by the user, or None.
+        pad_token_id: Fallback (with a warning) when no EOS id is known.
+
+    Returns:
+        The EOS ids.
+    """
+    if eos_token_id is None:
+        for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+            eos_token_id = getattr(source, "eos_token_id", None)
+            if eos_token_id is not None:
+                break
+    if eos_token_id is None:
+        warnings.warn(
+            "no eos_token_id given or found in the model config: using pad_token_id as EOS",
+            stacklevel=3,
+        )
+        eos_token_id = pad_token_id
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return [int(i) for i in ids]
 
 
 class HFGenerationBackend:
@@ -124,3 +151,17 @@ class HFGenerationBackend:
             )
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)  # [P*G, L + C]
         return out[:, input_ids.shape[1] :]  # [P*G, C]
+
+
+def build_hf_backend(agent: Any, config: Mapping[str, Any] | None = None) -> HFGenerationBackend:
+    """The ``"hf"`` backend of an agent: its own training model decodes.
+
+    Args:
+        agent: The GRPO agent (``model``, ``pad_token_id``, ``eos_token_ids``).
+        config: Options of :class:`HFGenerationBackend` (``use_generate``, ``merge_lora``,
+            ``preallocate_cache``), or None for the defaults.
+
+    Returns:
+        The backend.
+    """
+    return HFGenerationBackend(agent.model, agent.pad_token_id, agent.eos_token_ids, **dict(config or {}))

@@ -25,7 +25,7 @@ from typing import Any
 from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 
-__all__ = ["VLLMBackend", "VLLMConfig", "import_vllm", "sampling_params_kwargs"]
+__all__ = ["VLLMBackend", "VLLMConfig", "build_vllm_backend", "import_vllm", "sampling_params_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +267,16 @@ def convert_outputs(
             raise ValueError(f"vLLM returned {len(request.outputs)} completions for prompt {i}, expected {group_size}")
         rows.extend(list(c.token_ids) for c in request.outputs)
     return split_completions(unpadded, rows, group_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+
+
+def build_vllm_backend(agent: Any, config: VLLMConfig | None = None) -> VLLMBackend:
+    """The ``"vllm"`` backend of an agent (:data:`~llm_gym.algorithms.rollout.backend.BACKENDS`).
+
+    Args:
+        agent: The GRPO agent.
+        config: Engine settings; default ``VLLMConfig()``.
+
+    Returns:
+        The backend.
+    """
+    return VLLMBackend(agent, config if config is not None else VLLMConfig())

@@ -10,7 +10,7 @@ import torch
 from grpo_tiny import EOS, lora_config, make_agent, make_model, prompt, single_thread
 from peft import PeftModel
 
-import llm_gym.algorithms.grpo.agent as grpo_module
+import llm_gym.algorithms.grpo.update as grpo_module
 from llm_gym.algorithms import GRPO, VLLMConfig
 from llm_gym.algorithms.rollout.completions import mini_batches, pack_completions
 

@@ -20,7 +20,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_gym.algorithms.grpo.agent import GRPO
-from llm_gym.algorithms.rollout.evaluation import held_out_metrics
+from llm_gym.algorithms.rollout.rollout import evaluate
 from llm_gym.algorithms.sft import SFTConfig, oracle_examples, train_sft
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.registry import get_task
@@ -48,7 +48,7 @@ def _held_out_reward(agent: GRPO, env: ReasoningGym) -> float:
     every problem, so its format reward flips between 0 and 1 for all problems at once; the
     sampled mean measures the policy's expected reward and moves smoothly.
     """
-    return held_out_metrics(agent, env, greedy=False)["reward/total"]
+    return evaluate(agent, env, greedy=False)["reward/total"]
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ from grpo_tiny import single_thread
 from peft import LoraConfig
 from transformers import AutoTokenizer
 
-from llm_gym.algorithms import GRPO, HyperparameterConfig, Mutations, RLParameter, create_population
+from llm_gym.algorithms import HyperparameterConfig, Mutations, RLParameter, create_population
 from llm_gym.algorithms.run.checkpoints import load_population, save_population
 from llm_gym.reasoning_gym import ReasoningGym
 from llm_gym.tiny import tiny_model_path
@@ -65,7 +65,7 @@ def _base(model):
 
 def test_population_shares_one_base_and_adds_only_adapter_parameters(model_path, tokenizer):
     one = make_pop(model_path, tokenizer, 1)
-    three = GRPO.population(3, **dict(model_name=model_path, pad_token_id=tokenizer.pad_token_id, device="cpu",
+    three = create_population(3, **dict(model_name=model_path, pad_token_id=tokenizer.pad_token_id, device="cpu",
                                       lora_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                              task_type="CAUSAL_LM")))  # fmt: skip
     assert [a.index for a in three] == [0, 1, 2]
