@@ -15,10 +15,15 @@ that made the event.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["lineage_events"]
+__all__ = ["lineage_events", "merge_events"]
+
+
+def _key(event: Mapping[str, Any]) -> str:
+    # By content, stable across a JSON round trip (a resumed run's events come back from JSON).
+    return json.dumps(event, sort_keys=True, default=str)
 
 
 def lineage_events(population: Iterable[Any]) -> list[dict[str, Any]]:
@@ -33,13 +38,29 @@ def lineage_events(population: Iterable[Any]) -> list[dict[str, Any]]:
     Returns:
         The distinct events, stably sorted by ``step``.
     """
-    seen: set[str] = set()
-    events: list[dict[str, Any]] = []
+    return merge_events([], population)
+
+
+def merge_events(known: Sequence[Mapping[str, Any]], population: Iterable[Any]) -> list[dict[str, Any]]:
+    """``known`` events, then the population's events not among them (each once, sorted by step).
+
+    A run keeps every event it has seen, including those of agents selection has since dropped;
+    this adds the current population's new ones.
+
+    Args:
+        known: Events kept so far, in their order.
+        population: Agents with a ``lineage`` list.
+
+    Returns:
+        A new list.
+    """
+    seen = {_key(e) for e in known}
+    new: list[dict[str, Any]] = []
     for agent in population:
         for event in getattr(agent, "lineage", []):
-            key = json.dumps(event, sort_keys=True, default=str)
+            key = _key(event)
             if key not in seen:
                 seen.add(key)
-                events.append(dict(event))
-    events.sort(key=lambda e: e.get("step", 0))
-    return events
+                new.append(dict(event))
+    new.sort(key=lambda e: e.get("step", 0))
+    return [dict(e) for e in known] + new

@@ -1,4 +1,8 @@
-"""Mutation: each agent either keeps its genes or has one RL hyper-parameter perturbed (AgileRL's ``Mutations``)."""
+"""Mutation: each agent either keeps its genes or has one RL hyper-parameter perturbed (AgileRL's ``Mutations``).
+
+Genes are read and written only through the agent's ``get_hp`` / ``set_hp``
+(:class:`~llm_gym.algorithms.evolution.protocol.EvolvableAgent`).
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from llm_gym.algorithms.evolution.genes import HyperparameterConfig, Number, RLParameter, mutate_value
+from llm_gym.algorithms.evolution.genes import HyperparameterConfig, RLParameter, mutate_value
+from llm_gym.algorithms.evolution.protocol import EvolvableAgent
 
 __all__ = ["Mutations"]
 
 logger = logging.getLogger(__name__)
 
-_MISSING = object()
-
-
-def _get_hp(agent: Any, name: str) -> Any:
-    # agent.hps may be a dict (the protocol) or a dataclass of hyper-parameters; fall back to an
-    # attribute/property of the agent itself (e.g. a derived ``clip_coef``).
-    hps = agent.hps
-    value = hps.get(name, _MISSING) if isinstance(hps, Mapping) else getattr(hps, name, _MISSING)
-    return getattr(agent, name, _MISSING) if value is _MISSING else value
-
-
-def _set_hp(agent: Any, name: str, value: Number) -> None:
-    setter = getattr(agent, "set_hp", None) or agent.set_hyperparameter
-    setter(name, value)
+def _has_hp(agent: EvolvableAgent, name: str) -> bool:
+    try:
+        agent.get_hp(name)
+    except KeyError:
+        return False
+    return True
 
 
 _ARCHITECTURE_OPTIONS = ("architecture", "new_layer_prob", "parameters", "activation")
@@ -65,7 +62,8 @@ class Mutations:
         device: Accepted and ignored: hyper-parameter mutation touches no tensors.
         accelerator: Accepted and ignored, as ``device``.
         hp_config: Genes to mutate. None uses the agent's own ``hp_config`` attribute if it has
-            one, else :meth:`HyperparameterConfig.default` restricted to the genes in ``agent.hps``.
+            one, else :meth:`HyperparameterConfig.default` restricted to the genes the agent has
+            (those its ``get_hp`` knows).
 
     Raises:
         ValueError: On a negative probability or ``mutation_sd``, or a non-zero architecture option.
@@ -123,7 +121,7 @@ class Mutations:
     def _genes(self, agent: Any) -> list[tuple[str, RLParameter]]:
         config = self.hp_config if self.hp_config is not None else getattr(agent, "hp_config", None)
         if config is not None:
-            missing = [name for name in config if _get_hp(agent, name) is _MISSING]
+            missing = [name for name in config if not _has_hp(agent, name)]
             if missing:
                 raise ValueError(
                     f"hp_config genes {missing} are not hyper-parameters of agent {agent.index} "
@@ -132,7 +130,7 @@ class Mutations:
             genes = list(config.items())
         else:
             default = HyperparameterConfig.default()
-            genes = [(name, param) for name, param in default.items() if _get_hp(agent, name) is not _MISSING]
+            genes = [(name, param) for name, param in default.items() if _has_hp(agent, name)]
             if not genes:
                 raise ValueError(
                     f"Agent {agent.index} has none of the default genes {default.names()} "
@@ -140,7 +138,7 @@ class Mutations:
                 )
         # A log-scale gene at 0 is a switched-off term (beta = 0: no KL penalty). Mutation keeps it off:
         # multiplicative noise cannot move 0, and turning a term on is the user's decision.
-        live = [(name, param) for name, param in genes if not (param.log_scale and _get_hp(agent, name) <= 0)]
+        live = [(name, param) for name, param in genes if not (param.log_scale and agent.get_hp(name) <= 0)]
         if not live:
             raise ValueError(
                 f"every gene of agent {agent.index} is a log-scale gene at 0 ({[n for n, _ in genes]}): nothing "
@@ -185,13 +183,13 @@ class Mutations:
         genes = self._genes(agent)
         name, param = genes[int(self.rng.integers(len(genes)))]
         noise = float(self.rng.normal(0.0, self.mutation_sd))
-        old = _get_hp(agent, name)
+        old = agent.get_hp(name)
         new = mutate_value(param, old, noise)
         if new == old:
             logger.info("mutation: agent %d %s stays %r (at its bound)", agent.index, name, old)
         else:
             logger.info("mutation: agent %d %s %r -> %r", agent.index, name, old, new)
-        _set_hp(agent, name, new)
+        agent.set_hp(name, new)
         agent.lineage.append(
             {
                 "step": int(agent.steps),

@@ -26,14 +26,28 @@ __all__ = ["EvolvableAgent"]
 
 @runtime_checkable
 class EvolvableAgent(Protocol):
-    """The attributes and methods selection and mutation rely on (see the module docstring)."""
+    """The attributes and methods selection and mutation rely on (see the module docstring).
 
-    hps: dict[str, Number]
+    ``hps`` is typed loosely on purpose: evolution never reads it (genes go through
+    :meth:`get_hp` / :meth:`set_hp`), it only checks that a clone does not share it with its parent.
+    A GRPO agent's is its :class:`~llm_gym.algorithms.grpo.config.GRPOConfig`.
+    """
+
+    hps: Any
     fitness: list[float]
     index: int
     lineage: list[dict[str, Any]]
     steps: int
+    mut: str
 
-    def set_hp(self, name: str, value: Number) -> None: ...
+    def get_hp(self, name: str) -> Any:
+        """The current value of gene ``name``; ``KeyError`` when the agent has no such gene."""
+        ...
 
-    def clone(self, index: int) -> EvolvableAgent: ...
+    def set_hp(self, name: str, value: Number) -> None:
+        """Apply a new value of gene ``name`` (validated by the agent)."""
+        ...
+
+    def clone(self, index: int) -> EvolvableAgent:
+        """An independent copy with id ``index``."""
+        ...
