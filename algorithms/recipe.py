@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "run_training", "held_out_table", "mutation_genes"]
+__all__ = ["TrainConfig", "load_config", "mutation_genes", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,38 +182,21 @@ def _resumed_run_dir(resume: str | None) -> Path | None:
 
 
 def mutation_genes(beta: float) -> Any:
-    """The hyper-parameters evolution mutates, with ranges measured to keep the tiny model stable.
+    """The genes the main job mutates: :meth:`HyperparameterConfig.default`, ``beta`` only when it starts positive.
 
-    ``beta`` is a gene only when it starts positive: a log-scale gene cannot move away from 0 (and
-    ``beta == 0`` skips the reference pass, which a mutation would silently turn on).
+    A log-scale gene cannot move away from 0, and ``beta == 0`` skips the reference pass, which a
+    mutation would silently turn on.
 
     Args:
         beta: The run's initial KL coefficient.
 
     Returns:
-        A ``HyperparameterConfig`` for :class:`~llm_gym.algorithms.evolution.Mutations`.
+        A ``HyperparameterConfig`` for :class:`~llm_gym.algorithms.evolution.mutation.Mutations`.
     """
-    from llm_gym.algorithms.evolution.genes import HyperparameterConfig, RLParameter
+    from llm_gym.algorithms.evolution.genes import HyperparameterConfig
 
-    genes = {
-        "lr": RLParameter(1e-5, 3e-3, log_scale=True),  # 5e-3 collapsed the tiny model (DESIGN.md)
-        "clip_coef": RLParameter(0.05, 0.5),
-        "temperature": RLParameter(0.5, 1.5),
-        "group_size": RLParameter(4, 16, dtype=int),
-    }
-    if beta > 0:
-        genes["beta"] = RLParameter(1e-4, 0.5, log_scale=True)
-    return HyperparameterConfig(**genes)
-
-
-def held_out_table(rows: dict[str, dict[str, float]]) -> str:
-    """Format ``{model: eval metrics}`` as the final table (reward parts and exact accuracy)."""
-    from llm_gym.cli import format_table
-
-    keys = sorted({k for m in rows.values() for k in m if k.startswith("reward/") and k != "reward/failures"})
-    header = ["model", *(k.removeprefix("reward/") for k in keys), "exact accuracy"]
-    body = [[name, *(m.get(k, float("nan")) for k in keys), m.get("accuracy", float("nan"))] for name, m in rows.items()]
-    return format_table(body, header)
+    genes = HyperparameterConfig.default()
+    return genes if beta > 0 else genes.without("beta")
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The ``llm-gym`` command line: list environments, evaluate a policy, train.
 
 ``llm-gym list`` prints every registered environment id. ``llm-gym eval`` runs a policy (the
-task's oracle solver, or a causal LM from a local path / hub id) through the environment on a
-fixed set of held-out problems and prints a table of per-part rewards. The CLI is the one module
-of the core that wires in the trainers, and it imports them lazily.
+task's oracle solver, or a causal LM from a local path / hub id) on a fixed set of held-out
+problems, through the same rollout and evaluation as training's fitness
+(:func:`llm_gym.algorithms.rollout.rollout.evaluate`), and prints a table of per-part rewards. The
+CLI is the one module of the core that wires in the trainers, and it imports them lazily.
 """
 
 from __future__ import annotations
@@ -11,112 +12,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import gymnasium as gym
-
 import llm_gym
-from llm_gym.env import ReasoningEnv
 from llm_gym.registry import get_task, list_envs
+from llm_gym.table import format_table, held_out_table
+from llm_gym.task import Task
 
-__all__ = ["main", "evaluate_policy", "format_table"]
+__all__ = ["build_parser", "format_table", "main"]
 
 logger = logging.getLogger(__name__)
-
-Policy = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[str]]  # (observations, problems) -> completions
-
-
-def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A plain-text table with right-aligned numbers.
-
-    Args:
-        rows: Table rows; floats print with 3 decimals.
-        header: Column titles.
-
-    Returns:
-        The table as a string (no trailing newline).
-    """
-
-    def cell(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    cells = [[cell(v) for v in row] for row in rows]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(header))]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("-+-".join("-" * w for w in widths))
-    for row in cells:
-        lines.append(
-            " | ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
-        )
-    return "\n".join(lines)
-
-
-def evaluate_policy(env: ReasoningEnv, policy: Policy, num_problems: int, batch_size: int = 16) -> dict[str, float]:
-    """Run ``policy`` on the first ``num_problems`` problems of ``env`` and average the rewards.
-
-    Args:
-        env: A reasoning env (its split decides which problems are used).
-        policy: Maps observations and their problems to one completion each.
-        num_problems: How many problems, taken in order from problem 0.
-        batch_size: Observations handed to the policy at once.
-
-    Returns:
-        ``reward/total``, ``reward/<part>`` for every rubric part, ``accuracy`` and ``failures``
-        (reward functions that raised or timed out).
-    """
-    num_problems = min(num_problems, len(env.problems))
-    totals: list[float] = []
-    parts: dict[str, list[float]] = {name: [] for name in env.rubric.names}
-    correct, failures = 0, 0
-    for start in range(0, num_problems, batch_size):
-        indices = range(start, min(start + batch_size, num_problems))
-        observations = [env.reset(seed=0, options={"index": i})[0] for i in indices]
-        completions = policy(observations, [env.problems[i] for i in indices])
-        for i, completion in zip(indices, completions, strict=True):
-            env.reset(options={"index": i})
-            _, reward, _, _, info = env.step(completion)
-            totals.append(reward)
-            for name, value in info["rewards"].items():
-                parts[name].append(value)
-            correct += info["correct"]
-            failures += len(info["reward_errors"])
-    n = max(len(totals), 1)
-    metrics = {"reward/total": sum(totals) / n}
-    metrics.update({f"reward/{name}": sum(values) / n for name, values in parts.items()})
-    metrics["accuracy"] = correct / n
-    metrics["failures"] = float(failures)
-    return metrics
-
-
-def _oracle_policy(env: ReasoningEnv) -> Policy:
-    task = env.task
-    if task.solve is None:
-        raise SystemExit(f"{task.env_id} has no oracle solver: pass --model")
-    return lambda observations, problems: [task.solve(p) or "" for p in problems]
-
-
-def _model_policy(model_id: str, max_new_tokens: int) -> tuple[Policy, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForCausalLM.from_pretrained(model_id)
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-
-    @torch.no_grad()
-    def policy(observations: list[dict[str, Any]], problems: list[dict[str, Any]]) -> list[str]:
-        batch = tokenizer([o["prompt"] for o in observations], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    return policy, tokenizer
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -125,24 +31,37 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any) -> Any:
+    """A batched env over the first ``-n`` problems of the chosen split, for the shared rollout."""
+    from llm_gym.env import build_problems
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    size = None if args.dataset else args.num_problems
+    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed)
+    rows = [problems[i] for i in range(min(args.num_problems, len(problems)))]
+    # The rows are the env's held-out split (what evaluate() reads); its training split is unused.
+    return ReasoningGym(rows, rows, tokenizer, task.rubric.copy(), task.template, data_batch_size_per_gpu=16,
+                        correct_part=task.correct_part)  # fmt: skip
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from llm_gym.algorithms.rollout.policies import ModelPolicy, OraclePolicy
+    from llm_gym.algorithms.rollout.rollout import evaluate
+
     tasks = args.task or [env_id for env_id in list_envs() if get_task(env_id).solve is not None]
     policy_name = args.model or "oracle"
+    model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
     rows = []
     for env_id in tasks:
-        kwargs: dict[str, Any] = {"split": args.split, "size": args.num_problems, "seed": args.seed}
-        if args.dataset:
-            kwargs["dataset"] = args.dataset
-            kwargs["size"] = None
-        if args.model:
-            policy, tokenizer = _model_policy(args.model, args.max_new_tokens)
-            kwargs["tokenizer"] = tokenizer
-        env = gym.make(env_id, **kwargs).unwrapped
-        assert isinstance(env, ReasoningEnv)
-        if not args.model:
-            policy = _oracle_policy(env)
-        metrics = evaluate_policy(env, policy, args.num_problems)
-        parts = {k.removeprefix("reward/"): v for k, v in metrics.items() if k.startswith("reward/") and k != "reward/total"}
+        task = get_task(env_id)
+        env = _eval_env(task, args, tokenizer)
+        try:
+            policy = model_policy if model_policy is not None else OraclePolicy(task, env)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        metrics = evaluate(policy, env)
+        parts = {k.removeprefix("reward/"): v for k, v in metrics.items()
+                 if k.startswith("reward/") and k not in ("reward/total", "reward/failures")}  # fmt: skip
         for name, value in parts.items():
             rows.append((env_id, policy_name, args.split, name, value))
         rows.append((env_id, policy_name, args.split, "total", metrics["reward/total"]))
@@ -153,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.recipe import held_out_table, load_config, run_training
+    from llm_gym.algorithms.recipe import load_config, run_training
 
     try:
         config = load_config(

@@ -3,7 +3,7 @@
 The loop reads top to bottom, once per training step::
 
     prompts (one batch, the same for every agent)
-      -> for each agent: generate -> score -> learn -> log
+      -> for each agent: rollout (generate -> score, :mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
     every evaluation_interval steps: fitness = held-out evaluation (fixed test problems, greedy)
     every evo_steps steps:           tournament selection -> save elite -> mutation
     every checkpoint_interval steps: whole-population checkpoint (atomic)
@@ -23,21 +23,24 @@ Each cap that takes effect is logged as a warning; unset (the default) means no 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.evolution.lineage import lineage_events
+from llm_gym.algorithms.evolution.lineage import merge_events
+from llm_gym.algorithms.rollout.rollout import Rollout, rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population
 from llm_gym.algorithms.run.elites import EliteStore
 from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger
 from llm_gym.algorithms.run.plots import plot_learning_curve
 
-__all__ = ["finetune_llm_reasoning", "RunState", "SMOKE_CAPS"]
+__all__ = ["RunState", "SMOKE_CAPS", "finetune_llm_reasoning"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +74,23 @@ def _apply_smoke_caps(pop: Sequence[Any], max_steps: int, eval_problems: int | N
     if tokens_cap is not None:
         for agent in pop:
             if agent.hps.max_output_tokens > tokens_cap:
-                agent.set_hyperparameter("max_output_tokens", tokens_cap)
+                agent.set_hp("max_output_tokens", tokens_cap)
         logger.warning("LLM_GYM_MAX_OUTPUT_TOKENS=%d caps every agent's completions", tokens_cap)
     return max_steps, eval_problems
 
 
+@dataclass
 class RunState:
     """What the loop keeps besides the agents: fitness records and lineage events, for plots and resume."""
 
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []  # {"step", "agent", "fitness", "accuracy"}
-        self.events: list[dict[str, Any]] = []  # lineage events seen so far (clones of dropped agents too)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """``{"step", "agent", "fitness", "accuracy"}`` per evaluation of an agent."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Lineage events seen so far (of agents selection dropped too)."""
 
     def add_events(self, population: Sequence[Any]) -> None:
-        """Remember the lineage events of the current population (deduplicated)."""
-        seen = {_event_key(e) for e in self.events}
-        for event in lineage_events(population):
-            if _event_key(event) not in seen:
-                self.events.append(event)
-                seen.add(_event_key(event))
+        """Remember the lineage events of the current population (each once)."""
+        self.events = merge_events(self.events, population)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state."""
@@ -98,37 +99,176 @@ class RunState:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RunState:
         """Inverse of :meth:`to_dict`."""
-        run = cls()
-        run.records = list(state.get("records", []))
-        run.events = list(state.get("events", []))
-        return run
+        return cls(records=list(state.get("records", [])), events=list(state.get("events", [])))
 
 
-def _event_key(event: dict[str, Any]) -> str:
-    return repr(sorted(event.items()))
+@dataclass
+class _Run:
+    """One call of :func:`finetune_llm_reasoning`: its settings and sinks, so each phase is a short method."""
+
+    pop: list[Any]
+    env: Any
+    state: RunState
+    run_dir: Path
+    max_steps: int
+    evaluation_interval: int
+    eval_problems: int | None
+    max_reward: float | None
+    verbose: bool
+    sink: MetricLogger
+    samples: CompletionSampleLog
+    sample_interval: int
+    elites: EliteStore | None
+    tournament: Any = None
+    mutation: Any = None
+    evo_steps: int | None = None
+    checkpoint_path: str | None = None
+    checkpoint_interval: int | None = None
+
+    @property
+    def evolve(self) -> bool:
+        return self.tournament is not None and self.evo_steps is not None
+
+    def train(self, prompts: Any, step: int) -> dict[str, float]:
+        """Every agent: rollout on ``prompts`` -> learn; returns the step's metrics (``agent<slot>/...``)."""
+        step_metrics: dict[str, float] = {}
+        for slot, agent in enumerate(self.pop):
+            batch = rollout(agent, self.env, prompts)
+            metrics = agent.learn(batch.experience)
+            metrics.update({f"train/{k}": v for k, v in batch.metrics.items()})
+            step_metrics.update({f"agent{slot}/{k}": float(v) for k, v in metrics.items()})
+            if self.sample_interval and step % self.sample_interval == 0:
+                _log_samples(self.samples, self.env, agent, step, prompts, batch)
+        means = [step_metrics.get(f"agent{s}/train/reward/total", math.nan) for s in range(len(self.pop))]
+        step_metrics["train/reward_mean"] = sum(means) / len(means)
+        step_metrics["data/epoch"] = float(getattr(self.env, "num_epochs", 0))
+        return step_metrics
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` ends with an evaluation (every interval, the last step, every evolution)."""
+        return step % self.evaluation_interval == 0 or step == self.max_steps or (self.evolve and step % self.evo_steps == 0)
+
+    def evaluate(self, step: int, step_metrics: dict[str, float]) -> None:
+        """Fitness of every agent, then evolution or the final elite, then the ``max_reward`` stop."""
+        for agent in self.pop:
+            fitness = agent.test(self.env, max_problems=self.eval_problems)
+            accuracy = agent.last_eval.get("accuracy", math.nan)
+            self.state.records.append({"step": step, "agent": int(agent.index), "fitness": float(fitness),
+                                       "accuracy": float(accuracy)})  # fmt: skip
+        fits = [a.fitness[-1] for a in self.pop]
+        step_metrics.update({"evo/fitness_max": max(fits), "evo/fitness_mean": sum(fits) / len(fits)})
+        for slot, agent in enumerate(self.pop):
+            step_metrics.update({f"agent{slot}/eval/{k}": v for k, v in agent.last_eval.items()})
+            step_metrics.update({f"agent{slot}/hp/{k}": float(v) for k, v in _numeric_hps(agent).items()})
+        if self.verbose:
+            logger.info("step %d: fitness %s", step, ", ".join(f"{f:.3f}" for f in fits))
+        if self.evolve and step % self.evo_steps == 0:
+            elite, self.pop = self.tournament.select(self.pop)
+            _save_elite(self.elites, elite, step, self.env)
+            if elite not in self.pop and hasattr(elite, "release"):
+                elite.release()
+            self.pop = self.mutation.mutation(self.pop)
+            self.state.add_events(self.pop)
+        elif self.elites is not None and step == self.max_steps:
+            _save_elite(self.elites, max(self.pop, key=lambda a: a.fitness[-1]), step, self.env)
+        if self.max_reward is not None and max(fits) >= self.max_reward:
+            logger.info("best fitness %.3f reached max_reward %.3f: stopping", max(fits), self.max_reward)
+            self.max_steps = step
+
+    def checkpoint(self, step: int) -> None:
+        """Write the whole population and the run state when a checkpoint is due."""
+        if not self.checkpoint_path or (step % self.checkpoint_interval and step != self.max_steps):
+            return
+        extra: dict[str, Any] = {"run": self.state.to_dict(), "run_dir": str(self.run_dir)}
+        if self.evolve:
+            extra.update(tournament=self.tournament.state_dict(), mutation=self.mutation.state_dict())
+        save_population(Path(self.checkpoint_path) / "latest", self.pop, step=step, env=self.env, extra=extra)
+
+    def loop(self, prompts: Any, start: int) -> None:
+        """Train from step ``start`` to ``max_steps`` (which ``max_reward`` may lower), one batch a step."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=start, disable=not self.verbose, desc="training", unit="step")
+        step = start
+        try:
+            while step < self.max_steps:
+                step_metrics = self.train(prompts, step)
+                step += 1
+                summary = _step_summary(step_metrics, len(self.pop))
+                # The progress bar shows these; the log line is for runs without a terminal (DEBUG).
+                logger.debug("step %d | %s", step, " ".join(f"{k} {v:.3g}" for k, v in summary.items()))
+                if self.due(step):
+                    self.evaluate(step, step_metrics)
+                self.sink.log(step_metrics, step)
+                bar.update(1)
+                bar.set_postfix(summary | {"best": max((r["fitness"] for r in self.state.records), default=math.nan)})
+                self.checkpoint(step)
+                if step < self.max_steps:
+                    prompts = self.env.reset()
+        finally:
+            bar.close()
+            self.sink.close()
 
 
-def _evaluate(population: Sequence[Any], env: Any, step: int, run: RunState, eval_problems: int | None) -> None:
-    for agent in population:
-        fitness = agent.test(env, max_problems=eval_problems)
-        accuracy = agent.last_eval.get("accuracy", math.nan)
-        run.records.append({"step": step, "agent": int(agent.index), "fitness": float(fitness),
-                            "accuracy": float(accuracy)})  # fmt: skip
-
-
-def _log_samples(
-    samples: CompletionSampleLog, env: Any, agent: Any, step: int, prompts: Any, completion_ids: Any, rewards: Any
-) -> None:
+def _log_samples(samples: CompletionSampleLog, env: Any, agent: Any, step: int, prompts: Any, batch: Rollout) -> None:
     """Write the first prompt's first two completions (text, reward, parts) to the JSONL log."""
     tokenizer = env.tokenizer
     prompt_len = int(prompts[0]["input_ids"].shape[1])
-    ids = completion_ids[0]  # [G, L + C]
-    scores = env.last_scores[0] if getattr(env, "last_scores", None) else []
+    ids = batch.completion_ids[0]  # [G, L + C]
+    scores = batch.scores[0] if batch.scores else []
     prompt_text = tokenizer.decode(ids[0, :prompt_len])
     for g in range(min(2, ids.shape[0])):
         parts = scores[g].parts if g < len(scores) else {}
-        completion = tokenizer.decode(ids[g, prompt_len:], skip_special_tokens=True)
-        samples.write(step, int(agent.index), prompt_text, completion, float(rewards[0, g]), parts)
+        if batch.texts:
+            completion = batch.texts[0][g]
+        else:
+            completion = tokenizer.decode(ids[g, prompt_len:], skip_special_tokens=True)
+        samples.write(step, int(agent.index), prompt_text, completion, float(batch.rewards[0, g]), parts)
+
+
+def _check_arguments(
+    pop: list[Any], evaluation_interval: int, tournament: Any, mutation: Any, evo_steps: int | None
+) -> bool:
+    """Validate the loop's arguments; returns whether the run evolves."""
+    if not pop:
+        raise ValueError("pop is empty: give at least one agent")
+    if evaluation_interval < 1:
+        raise ValueError(f"evaluation_interval must be >= 1, got {evaluation_interval}")
+    if (tournament is None) != (mutation is None):
+        raise ValueError("give both tournament and mutation for evolution, or neither")
+    evolve = tournament is not None and evo_steps is not None
+    if evolve and evo_steps < 1:
+        raise ValueError(f"evo_steps must be >= 1 or None, got {evo_steps}")
+    return evolve
+
+
+def _resume(
+    resume_from: str | None, pop: list[Any], env: Any, evolve: bool, tournament: Any, mutation: Any, max_steps: int
+) -> tuple[int, RunState, str | None]:
+    """Restore a checkpoint (``(step, run state, run folder)``), or start fresh at step 0."""
+    if not resume_from:
+        run = RunState()
+        run.add_events(pop)
+        return 0, run, None
+    resume = Path(resume_from)
+    if resume.name != "latest" and not (resume / "state.json").is_file():
+        resume = resume / "latest"  # the checkpoint_path of a run (load_population repairs a killed write)
+    state = load_population(resume, pop, env=env)
+    if evolve and state.get("tournament"):
+        tournament.load_state_dict(state["tournament"])
+        mutation.load_state_dict(state["mutation"])
+    logger.info("resuming at step %d of %d", int(state["step"]), max_steps)
+    return int(state["step"]), RunState.from_dict(state.get("run", {})), state.get("run_dir")
+
+
+def _wandb_login(wb: bool, wandb_api_key: str | None) -> None:
+    if wb and wandb_api_key:
+        try:
+            import wandb
+
+            wandb.login(key=wandb_api_key)
+        except Exception as err:  # logged by make_logger as well; the run goes on
+            logger.warning("W&B login failed (%s); continuing without it", err)
 
 
 def finetune_llm_reasoning(
@@ -205,126 +345,34 @@ def finetune_llm_reasoning(
         ValueError: on an empty population, non-positive intervals, or only one of
             ``tournament``/``mutation``; on a malformed ``LLM_GYM_*`` cap (see the module docstring).
     """
-    from tqdm.auto import tqdm
-
     pop = list(pop)
-    if not pop:
-        raise ValueError("pop is empty: give at least one agent")
-    if evaluation_interval < 1:
-        raise ValueError(f"evaluation_interval must be >= 1, got {evaluation_interval}")
-    if (tournament is None) != (mutation is None):
-        raise ValueError("give both tournament and mutation for evolution, or neither")
-    evolve = tournament is not None and evo_steps is not None
-    if evolve and evo_steps < 1:
-        raise ValueError(f"evo_steps must be >= 1 or None, got {evo_steps}")
+    evolve = _check_arguments(pop, evaluation_interval, tournament, mutation, evo_steps)
     if max_steps is None:
         batches = env.num_batches("train") if hasattr(env, "num_batches") else len(env)
         max_steps = batches * (num_epochs or 1)
     max_steps, eval_problems = _apply_smoke_caps(pop, max_steps, eval_problems)
     save_elite = elite_path is not None if save_elite is None else save_elite
-    elite_path = elite_path or "checkpoints"
     if checkpoint_path and checkpoint_interval is None:
         checkpoint_interval = evo_steps if evolve else evaluation_interval
     if checkpoint_interval is not None and checkpoint_interval < 1:
         raise ValueError(f"checkpoint_interval must be >= 1 or None, got {checkpoint_interval}")
 
-    run = RunState()
-    start = 0
-    saved_run_dir = None
-    if resume_from:
-        resume = Path(resume_from)
-        if resume.name != "latest" and not (resume / "state.json").is_file():
-            resume = resume / "latest"  # the checkpoint_path of a run (load_population repairs a killed write)
-        state = load_population(resume, pop, env=env)
-        start = int(state["step"])
-        run = RunState.from_dict(state.get("run", {}))
-        saved_run_dir = state.get("run_dir")
-        if evolve and state.get("tournament"):
-            tournament.load_state_dict(state["tournament"])
-            mutation.load_state_dict(state["mutation"])
-        logger.info("resuming at step %d of %d", start, max_steps)
-    else:
-        run.add_events(pop)
-    if log_dir:
-        run_dir = Path(log_dir)
-    elif saved_run_dir:
-        run_dir = Path(saved_run_dir)
-    else:
-        run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if wb and wandb_api_key:
-        try:
-            import wandb
-
-            wandb.login(key=wandb_api_key)
-        except Exception as err:  # logged by make_logger as well; the run goes on
-            logger.warning("W&B login failed (%s); continuing without it", err)
-    sink = loggers if loggers is not None else make_logger(run_dir, wb=wb, config={"population": len(pop)})
-    samples = CompletionSampleLog(run_dir / "completions.jsonl")
-    elites = EliteStore(elite_path, keep=keep_elites) if save_elite else None
-
-    def checkpoint(step: int) -> None:
-        extra = {"run": run.to_dict(), "run_dir": str(run_dir)}
-        if evolve:
-            extra.update(tournament=tournament.state_dict(), mutation=mutation.state_dict())
-        save_population(Path(checkpoint_path) / "latest", pop, step=step, env=env, extra=extra)
-
-    bar = tqdm(total=max_steps, initial=start, disable=not verbose, desc="training", unit="step")
-    prompts = env.reset(reset_dataloaders=not resume_from and start == 0)
-    step = start
-    try:
-        while step < max_steps:
-            step_metrics: dict[str, float] = {}
-            for slot, agent in enumerate(pop):
-                completion_ids, action_masks = agent.get_action(prompts)
-                rewards = env.score(completion_ids)
-                metrics = agent.learn((completion_ids, action_masks, rewards))
-                metrics.update({f"train/{k}": v for k, v in env.last_metrics().items()})
-                step_metrics.update({f"agent{slot}/{k}": float(v) for k, v in metrics.items()})
-                if sample_interval and step % sample_interval == 0:
-                    _log_samples(samples, env, agent, step, prompts, completion_ids, rewards)
-            step += 1
-            means = [step_metrics.get(f"agent{s}/train/reward/total", math.nan) for s in range(len(pop))]
-            step_metrics["train/reward_mean"] = sum(means) / len(means)
-            step_metrics["data/epoch"] = float(getattr(env, "num_epochs", 0))
-            summary = _step_summary(step_metrics, len(pop))
-            # The progress bar shows these; the log line is for runs without a terminal (DEBUG).
-            logger.debug("step %d | %s", step, " ".join(f"{k} {v:.3g}" for k, v in summary.items()))
-
-            if step % evaluation_interval == 0 or step == max_steps or (evolve and step % evo_steps == 0):
-                _evaluate(pop, env, step, run, eval_problems)
-                fits = [a.fitness[-1] for a in pop]
-                step_metrics.update({"evo/fitness_max": max(fits), "evo/fitness_mean": sum(fits) / len(fits)})
-                for slot, agent in enumerate(pop):
-                    step_metrics.update({f"agent{slot}/eval/{k}": v for k, v in agent.last_eval.items()})
-                    step_metrics.update({f"agent{slot}/hp/{k}": float(v) for k, v in _hps(agent).items()})
-                if verbose:
-                    logger.info("step %d: fitness %s", step, ", ".join(f"{f:.3f}" for f in fits))
-                if evolve and step % evo_steps == 0:
-                    elite, pop = tournament.select(pop)
-                    _save_elite(elites, elite, step, env)
-                    if elite not in pop and hasattr(elite, "release"):
-                        elite.release()
-                    pop = mutation.mutation(pop)
-                    run.add_events(pop)
-                elif elites is not None and (step == max_steps):
-                    best = max(pop, key=lambda a: a.fitness[-1])
-                    _save_elite(elites, best, step, env)
-                if max_reward is not None and max(fits) >= max_reward:
-                    logger.info("best fitness %.3f reached max_reward %.3f: stopping", max(fits), max_reward)
-                    max_steps = step
-            sink.log(step_metrics, step)
-            bar.update(1)
-            bar.set_postfix(summary | {"best": max((r["fitness"] for r in run.records), default=math.nan)})
-            if checkpoint_path and (step % checkpoint_interval == 0 or step == max_steps):
-                checkpoint(step)
-            if step < max_steps:
-                prompts = env.reset()
-    finally:
-        bar.close()
-        sink.close()
-    if run.records:
-        plot_learning_curve(run.records, run_dir / "learning_curve.png", events=run.events, max_fitness=max_reward)
-    return pop
+    start, state, saved_run_dir = _resume(resume_from, pop, env, evolve, tournament, mutation, max_steps)
+    run_dir = Path(log_dir or saved_run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    _wandb_login(wb, wandb_api_key)
+    run = _Run(
+        pop=pop, env=env, state=state, run_dir=run_dir, max_steps=max_steps, evaluation_interval=evaluation_interval,
+        eval_problems=eval_problems, max_reward=max_reward, verbose=verbose,
+        sink=loggers if loggers is not None else make_logger(run_dir, wb=wb, config={"population": len(pop)}),
+        samples=CompletionSampleLog(run_dir / "completions.jsonl"), sample_interval=sample_interval,
+        elites=EliteStore(elite_path or "checkpoints", keep=keep_elites) if save_elite else None,
+        tournament=tournament if evolve else None, mutation=mutation if evolve else None,
+        evo_steps=evo_steps if evolve else None, checkpoint_path=checkpoint_path, checkpoint_interval=checkpoint_interval,
+    )  # fmt: skip
+    run.loop(env.reset(reset_dataloaders=not resume_from and start == 0), start)
+    if state.records:
+        plot_learning_curve(state.records, run_dir / "learning_curve.png", events=state.events, max_fitness=max_reward)
+    return run.pop
 
 
 _SUMMARY_KEYS = {
@@ -350,12 +398,12 @@ def _step_summary(step_metrics: dict[str, float], population: int) -> dict[str, 
     return {k: v for k, v in summary.items() if not math.isnan(v)}
 
 
-def _hps(agent: Any) -> dict[str, float]:
+def _numeric_hps(agent: Any) -> dict[str, float]:
+    """The agent's numeric hyper-parameters (its config's int and float fields), for logs and elites."""
     hps = getattr(agent, "hps", None)
-    if hps is None:
+    if hps is None or not dataclasses.is_dataclass(hps):
         return {}
-    items = hps.items() if isinstance(hps, dict) else vars(hps).items()
-    return {k: v for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in dataclasses.asdict(hps).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _save_elite(elites: EliteStore | None, agent: Any, step: int, env: Any) -> None:
@@ -365,7 +413,7 @@ def _save_elite(elites: EliteStore | None, agent: Any, step: int, env: Any) -> N
     metadata = {
         "task": getattr(task, "env_id", None),
         "base_model": getattr(agent, "model_id", None),
-        "hyperparameters": _hps(agent),
+        "hyperparameters": _numeric_hps(agent),
         "eval": dict(getattr(agent, "last_eval", {})),
         "lineage": list(getattr(agent, "lineage", [])),
     }
