@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from llm_gym.cli import main
 
 TINY_RUN = """\
@@ -63,3 +65,21 @@ def test_train_rejects_an_unknown_config_key(tmp_path, capsys):
     config.write_text("populaton: 4\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown train config key 'populaton'; valid keys:" in capsys.readouterr().err
+
+
+def test_eval_of_a_model_uses_the_fitness_evaluation(capsys):
+    """``--model`` goes through the same rollout and evaluation as an agent's fitness: same numbers."""
+    from llm_gym.algorithms.rollout.policies import ModelPolicy
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.reasoning_gym import ReasoningGym
+    from llm_gym.tiny import tiny_model_path
+
+    model = str(tiny_model_path("tiny"))
+    assert main(["eval", "--task", "llm_gym/Subtraction-v0", "--model", model, "-n", "3", "--max-new-tokens", "6"]) == 0
+    rows = {line.split("|")[3].strip(): float(line.split("|")[4]) for line in capsys.readouterr().out.splitlines()[2:]}
+    policy, tokenizer = ModelPolicy.from_pretrained(model, 6)
+    env = ReasoningGym.from_task("llm_gym/Subtraction-v0", tokenizer, train_size=3, test_size=3, seed=0)
+    metrics = evaluate(policy, env)
+    assert metrics["problems"] == 3.0
+    assert rows["total"] == pytest.approx(round(metrics["reward/total"], 3), abs=1e-3)
+    assert rows["exact accuracy"] == pytest.approx(round(metrics["accuracy"], 3), abs=1e-3)

@@ -406,3 +406,78 @@ def test_population_protocol_index_lineage_and_release():
     child.release()
     assert "agent7" not in agent.model.peft_config
     agent.learn(_experience(agent))  # the remaining agent still trains
+
+
+# ------------------------------------------------------------------------------- config
+def test_keywords_build_the_frozen_config_and_unknown_ones_are_refused():
+    import dataclasses
+
+    from llm_gym.algorithms.grpo.config import GRPOConfig
+
+    agent = make_agent(lr=3e-3, clip_coef=(0.1, 0.3), max_model_len=64)
+    assert agent.hps == GRPOConfig(lr=3e-3, clip_low=0.1, clip_high=0.3, max_model_len=64, batch_size=64,
+                                   group_size=4, max_output_tokens=6)  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        agent.hps.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter 'learning_rate'; valid names are \['lr', 'beta'"):
+        make_agent(learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"lr=0\.0 is invalid: it must be > 0; e\.g\. lr=5e-05 \(the default\)"):
+        GRPOConfig(lr=0.0)
+    with pytest.raises(ValueError, match=r"max_model_len=1 must be >= 2"):
+        GRPOConfig(max_model_len=1)
+    with pytest.raises(ValueError, match=r"unknown backend 'sglang'; valid backends are \['hf', 'vllm'\]"):
+        make_agent(backend="sglang")
+
+
+def test_a_config_object_and_keywords_combine():
+    from llm_gym.algorithms.grpo.config import GRPOConfig
+
+    base = GRPOConfig(lr=1e-3, group_size=2, beta=0.0)
+    agent = make_agent(config=base, group_size=3)
+    assert (agent.hps.lr, agent.hps.group_size, agent.hps.beta) == (1e-2, 3, 0.0)  # make_agent's lr=1e-2 wins
+    assert base.group_size == 2  # the given config is not changed
+
+
+def test_use_vllm_is_backend_vllm_and_fixed_settings_stay_fixed(tmp_path):
+    with pytest.raises(ValueError, match="use_vllm=True contradicts backend='hf'"):
+        make_agent(use_vllm=True, backend="hf")
+    agent = make_agent(max_model_len=32)
+    assert agent.hps.backend == "hf" and not agent.use_vllm and agent.max_model_len == 32
+    with pytest.raises(ValueError, match="max_model_len is fixed when the agent is built"):
+        agent.set_hp("max_model_len", 64)
+    agent.save_checkpoint(tmp_path / "c")
+    other = make_agent(max_model_len=48, lr=1e-3)
+    other.load_checkpoint(tmp_path / "c")
+    assert other.max_model_len == 48 and other.lr == 1e-2  # genes come from the file, fixed settings stay
+
+
+def test_get_hp_reads_genes_and_refuses_unknown_names():
+    agent = make_agent(clip_coef=(0.2, 0.28))
+    assert agent.get_hp("lr") == 1e-2 and agent.get_hp("clip_coef") == (0.2, 0.28)
+    with pytest.raises(KeyError, match="unknown hyper-parameter 'gamma'"):
+        agent.get_hp("gamma")
+    assert agent.mut == "None"
+
+
+def test_backends_by_name():
+    from llm_gym.algorithms.rollout.backend import BACKENDS, check_backend, make_backend
+    from llm_gym.algorithms.rollout.hf import HFGenerationBackend
+
+    assert sorted(BACKENDS) == ["hf", "vllm"]
+    agent = make_agent()
+    backend = make_backend("hf", agent, {"use_generate": True})
+    assert isinstance(backend, HFGenerationBackend) and backend.use_generate and backend.model is agent.model
+    with pytest.raises(ValueError, match=r"unknown backend 'tgi'; valid backends are \['hf', 'vllm'\]"):
+        check_backend("tgi")
+
+
+def test_each_loss_variant_shares_a_batch_exactly_once():
+    from llm_gym.algorithms.grpo.loss import LOSS_TYPES, LOSS_VARIANTS
+
+    assert tuple(LOSS_VARIANTS) == LOSS_TYPES
+    rows, tokens = [5, 5, 2], [17, 9, 4]  # a 12-row batch of 30 completion tokens in three mini-batches
+    for name, variant in LOSS_VARIANTS.items():
+        shares = [variant.batch_share(r, t, 12, 30) for r, t in zip(rows, tokens, strict=True)]
+        assert sum(shares) == pytest.approx(1.0), name
+    assert LOSS_VARIANTS["dapo"].batch_share(5, 17, 12, 30) == pytest.approx(17 / 30)  # by tokens
+    assert LOSS_VARIANTS["grpo"].batch_share(5, 17, 12, 30) == pytest.approx(5 / 12)  # by sequences
