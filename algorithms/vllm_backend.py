@@ -125,7 +125,11 @@ def sampling_params_kwargs(
 
 
 def _fingerprint(model: Any, adapter_name: str) -> tuple[tuple[int, int, int], ...]:
-    """Identity, storage and torch version counter of every tensor of an adapter (changes with any in-place write)."""
+    """Identity, storage and torch version counter of every tensor of an adapter.
+
+    Any in-place write (an optimizer step, ``load_state_dict``, ``param.add_`` under ``no_grad``)
+    bumps a version counter; writes through ``param.data`` do not: call :meth:`VLLMBackend.sync` after those.
+    """
     marker = f".{adapter_name}."
     return tuple((id(p), p.data_ptr(), p._version) for n, p in model.named_parameters() if marker in n)
 
