@@ -1,100 +1,101 @@
 """vLLM generation backend: a colocated engine serving the agents' LoRA adapters.
 
-One ``vllm.LLM`` holds the base model on the same GPU as the trainer (``enable_lora=True``). After
-every update the agent's adapter is saved to a temporary folder and served through a fresh
-``LoRARequest`` (vLLM caches adapters by their integer id, so a new id is what makes it reload),
-so only the LoRA weights move, never the base. With ``sleep_mode`` the engine's weights and KV
-cache are released while the trainer runs (``llm.sleep()``) and restored before generating
-(``llm.wake_up()``). A population shares one engine: each agent generates with its own adapter.
+One ``vllm.LLM`` holds the base model on the trainer's GPU (``enable_lora=True``). Each adapter is
+saved to a temporary folder and loaded into the engine under a fresh ``LoRARequest`` id whenever it
+changed (vLLM caches adapters and prefixes by id, so a new id is what makes it reload), so only
+LoRA weights move, never the base. A population shares one engine: one ``llm.generate`` call can
+serve every agent (:meth:`VLLMBackend.generate_batches`).
 
-``vllm`` is imported only when this backend is built (``GRPO(use_vllm=True)``); this module itself,
-and :class:`VLLMConfig`, import without it.
+Phases: with ``sleep_mode`` the engine sleeps (level 1: weights to CPU, KV cache dropped) while the
+trainer learns and wakes lazily on the first generation or sync of the next rollout or evaluation
+phase. The training loop calls :meth:`VLLMBackend.sleep` once per learn phase; until it first does,
+the backend sleeps after every generation call (correct, but one cycle per batch).
+
+Engine settings and the checks made when it is built live in :mod:`~llm_gym.algorithms.rollout.vllm_engine`
+(re-exported here). ``vllm`` is imported only when this backend is built (``GRPO(use_vllm=True)``);
+this module itself, and :class:`VLLMConfig`, import without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import importlib
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig
-from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+import torch
+from torch import Tensor
 
-__all__ = ["VLLMBackend", "VLLMConfig", "build_vllm_backend", "import_vllm", "sampling_params_kwargs"]
+from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, generation_budget
+from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+from llm_gym.algorithms.rollout.vllm_engine import (
+    LORA_RANKS,
+    VLLMConfig,
+    check_engine_process,
+    check_lora_config,
+    engine_kwargs,
+    executor_for,
+    import_vllm,
+    lora_rank_for,
+    process_ranks,
+    set_launcher_env,
+)
+
+__all__ = [
+    "LORA_RANKS",
+    "AdapterBatch",
+    "VLLMBackend",
+    "VLLMConfig",
+    "build_vllm_backend",
+    "check_lora_config",
+    "convert_outputs",
+    "import_vllm",
+    "logprob_drift",
+    "lora_rank_for",
+    "sampling_params_kwargs",
+    "truncated_importance_weights",
+]
 
 logger = logging.getLogger(__name__)
 
-VLLM_MISSING = (
-    'use_vllm=True needs vLLM, which is not installed: pip install "llm-gym[vllm]" on a machine with a CUDA '
-    "GPU (vLLM wheels are CUDA-only), or set use_vllm=False to generate with transformers"
-)
+_LIVE: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
-class VLLMConfig:
-    """Settings of the colocated vLLM engine (AgileRL's ``VLLMConfig`` names).
+class AdapterBatch:
+    """Prompts to complete with one adapter, as one part of :meth:`VLLMBackend.generate_batches`.
 
     Attributes:
-        sleep_mode: Release the engine's GPU memory while training (``llm.sleep()``), wake it to generate.
-        max_num_seqs: Most sequences the engine decodes at once.
-        gpu_memory_utilization: Share of GPU memory the engine may take (the trainer needs the rest).
-        tensor_parallel_size: GPUs the engine shards the model over.
-        max_num_batched_tokens: Token budget of one engine step (None: vLLM's default).
-        max_lora_rank: Largest LoRA rank served (must be >= the agents' ``r``).
-        max_loras: Adapters held on the GPU at once (one per population member generating).
-        enforce_eager: Skip CUDA-graph capture (slower decoding, faster start, less memory).
-        sleep_level: 1 offloads weights to CPU; 2 discards them (the LoRA-only sync makes 1 the safe choice).
+        adapter_name: The adapter (the agent's ``adapter_name``).
+        prompts: The environment's prompts.
+        sampling: Decoding settings of that agent.
     """
 
-    sleep_mode: bool = False
-    max_num_seqs: int = 256
-    gpu_memory_utilization: float = 0.3
-    tensor_parallel_size: int = 1
-    max_num_batched_tokens: int | None = None
-    max_lora_rank: int = 64
-    max_loras: int = 1
-    enforce_eager: bool = False
-    sleep_level: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]; the trainer shares the GPU, "
-                "so 0.2-0.5 is typical"
-            )
-        for name in ("max_num_seqs", "tensor_parallel_size", "max_lora_rank", "max_loras"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.sleep_level not in (1, 2):
-            raise ValueError(f"sleep_level={self.sleep_level} must be 1 or 2")
+    adapter_name: str
+    prompts: Sequence[dict[str, Any]]
+    sampling: SamplingConfig
 
 
-def import_vllm() -> Any:
-    """Import ``vllm``, or fail with how to install it.
-
-    Returns:
-        The ``vllm`` module.
-
-    Raises:
-        ImportError: If vLLM is not installed.
-    """
-    try:
-        return importlib.import_module("vllm")
-    except ImportError as err:
-        raise ImportError(VLLM_MISSING) from err
-
-
-def sampling_params_kwargs(sampling: SamplingConfig, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+def sampling_params_kwargs(
+    sampling: SamplingConfig, eos_token_ids: Sequence[int], logprobs: bool = False
+) -> dict[str, Any]:
     """Our :class:`SamplingConfig` as ``vllm.SamplingParams`` keyword arguments.
+
+    Completions stop on exactly the agent's EOS set, as in the HF backend: ``ignore_eos=True`` keeps
+    vLLM from also stopping on the tokenizer's and the generation config's EOS ids. Only token ids
+    are read back (``detokenize=False``).
 
     Args:
         sampling: Decoding settings.
-        eos_token_ids: Ids that end a completion (passed as ``stop_token_ids``).
+        eos_token_ids: Ids that end a completion (``stop_token_ids``).
+        logprobs: Return each sampled token's log-prob (``logprobs=0``).
 
     Returns:
         Keyword arguments for ``SamplingParams``.
@@ -103,6 +104,8 @@ def sampling_params_kwargs(sampling: SamplingConfig, eos_token_ids: Sequence[int
         "n": sampling.group_size,
         "max_tokens": sampling.max_new_tokens,
         "stop_token_ids": [int(e) for e in eos_token_ids],
+        "ignore_eos": True,
+        "detokenize": False,
     }
     if sampling.greedy:
         kwargs.update(temperature=0.0, top_p=1.0, top_k=-1)  # temperature 0 is greedy in vLLM
@@ -112,19 +115,45 @@ def sampling_params_kwargs(sampling: SamplingConfig, eos_token_ids: Sequence[int
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,  # -1 disables top-k in vLLM
         )
+    if logprobs:
+        kwargs["logprobs"] = 0  # the sampled token only
     return kwargs
+
+
+def _fingerprint(model: Any, adapter_name: str) -> tuple[tuple[int, int, int], ...]:
+    """Identity, storage and torch version counter of every tensor of an adapter.
+
+    Any in-place write (an optimizer step, ``load_state_dict``, ``param.add_`` under ``no_grad``)
+    bumps a version counter; writes through ``param.data`` do not: call :meth:`VLLMBackend.sync` after those.
+    """
+    marker = f".{adapter_name}."
+    return tuple((id(p), p.data_ptr(), p._version) for n, p in model.named_parameters() if marker in n)
+
+
+@dataclass
+class _Served:
+    request: Any
+    fingerprint: tuple[tuple[int, int, int], ...]
+    model: Any
 
 
 class VLLMBackend:
     """Generation through a colocated ``vllm.LLM`` with per-agent LoRA requests.
 
     Args:
-        agent: The GRPO agent that builds it (its model id, dtype, ``max_model_len``, LoRA rank).
+        agent: The GRPO agent that builds it (model id, dtype, ``max_model_len``, LoRA config,
+            accelerator); its clones share the model, and this backend.
         config: Engine settings.
+
+    Attributes:
+        engine_kwargs: The keyword arguments the engine was built with (every default resolved).
+        last_logprobs: With ``config.logprobs``: per batch of the last call, per prompt a float
+            tensor shaped like its action mask, the sampled tokens' log-probs where the mask is True.
 
     Raises:
         ImportError: If vLLM is not installed.
-        ValueError: If the agent was built from a model object with no local path or hub id.
+        ValueError: If the agent was built from a model object with no local path or hub id, or its
+            ``LoraConfig`` cannot be served.
     """
 
     def __init__(self, agent: Any, config: VLLMConfig) -> None:
@@ -135,75 +164,124 @@ class VLLMBackend:
                 "the vLLM backend loads the base model by name: build the agent with model_name=<path or hub id> "
                 "(or a model whose config has _name_or_path)"
             )
-        rank = agent.model.peft_config[agent.adapter_name].r
-        if rank > config.max_lora_rank:
-            raise ValueError(f"LoRA rank r={rank} exceeds VLLMConfig.max_lora_rank={config.max_lora_rank}; raise it")
+        check_lora_config(agent.model.peft_config[agent.adapter_name], config.max_lora_rank)
+        executor = executor_for(config)
+        if executor == "external_launcher":
+            set_launcher_env(agent)
+        elif process_ranks(agent)[2] > 1:
+            logger.warning("with %s vLLM starts every rank's engine on the first GPUs: use tensor_parallel_size=1 "
+                           "(in-process engine on each rank's GPU)", executor or "vLLM's default executor")  # fmt: skip
+        check_engine_process(executor)
+        kwargs = engine_kwargs(agent, config)
+        if len(_LIVE):
+            logger.warning("%d vLLM engine(s) built by other agents are still running in this process, each holding "
+                           "gpu_memory_utilization of the GPU: close() their backends, or share one engine by "
+                           "cloning agents (GRPO.clone, GRPO.population)", len(_LIVE))  # fmt: skip
         self.pad_token_id = agent.pad_token_id
         self.eos_token_ids = list(agent.eos_token_ids)
-        dtype = str(next(agent.model.parameters()).dtype).replace("torch.", "")
-        engine_kwargs: dict[str, Any] = {
-            "model": agent.model_id,
-            "enable_lora": True,
-            "max_lora_rank": config.max_lora_rank,
-            "max_loras": config.max_loras,
-            "gpu_memory_utilization": config.gpu_memory_utilization,
-            "tensor_parallel_size": config.tensor_parallel_size,
-            "max_num_seqs": config.max_num_seqs,
-            "enable_sleep_mode": config.sleep_mode,
-            "enforce_eager": config.enforce_eager,
-            "dtype": dtype,
-        }
-        if agent.max_model_len is not None:
-            engine_kwargs["max_model_len"] = agent.max_model_len
-        if config.max_num_batched_tokens is not None:
-            engine_kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
-        if agent.seed is not None:
-            engine_kwargs["seed"] = agent.seed
-        self.llm = self.vllm.LLM(**engine_kwargs)
+        self.engine_kwargs = kwargs
+        self.max_model_len = int(kwargs["max_model_len"])
+        self.max_lora_rank = int(kwargs["max_lora_rank"])
+        self.max_cpu_loras = int(kwargs["max_cpu_loras"])
+        self.llm: Any = self.vllm.LLM(**kwargs)
+        self._model = agent.model
         self._tmp = Path(tempfile.mkdtemp(prefix="llm_gym_vllm_"))
-        self._requests: dict[str, Any] = {}
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self._served: dict[str, _Served] = {}
         self._next_id = 1
         self._asleep = False
+        self._phases = False  # True once the training loop calls sleep() itself
+        self._warned: set[str] = set()
+        self.last_logprobs: list[list[Tensor]] | None = None
+        _LIVE.add(self)
 
+    # ------------------------------------------------------------------ phases
     def sleep(self) -> None:
-        """Release the engine's GPU memory (sleep mode only) while the trainer runs."""
-        if self.config.sleep_mode and not self._asleep:
+        """Start a learn phase: release the engine's GPU memory (sleep mode only), once.
+
+        The first call also hands phase control to the caller: from then on generation calls no
+        longer sleep after themselves, and the engine stays awake through a rollout or evaluation
+        phase until the next ``sleep()``.
+        """
+        self._phases = True
+        self._sleep()
+
+    def _sleep(self) -> None:
+        if self.config.sleep_mode and not self._asleep and self.llm is not None:
             self.llm.sleep(level=self.config.sleep_level)
             self._asleep = True
 
     def wake_up(self) -> None:
-        """Restore the engine after :meth:`sleep`."""
+        """Restore the engine after :meth:`sleep`; first return the trainer's cached blocks to CUDA."""
         if self._asleep:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # activations and gradients of learn() are still cached
             self.llm.wake_up()
             self._asleep = False
 
+    # ----------------------------------------------------------------- adapters
     def sync(self, agent: Any) -> None:
-        """Save the agent's adapter and serve it under a fresh LoRA id (the base never moves).
+        """Save the agent's adapter and load it into the engine now, under a fresh LoRA id.
 
         Args:
             agent: The GRPO agent whose adapter changed.
+
+        Raises:
+            ValueError: If the adapter's ``LoraConfig`` cannot be served.
+            RuntimeError: If vLLM fails to load the adapter.
         """
+        self._check_open()
+        self._serve(agent.model, agent.adapter_name)
+
+    def _serve(self, model: Any, name: str) -> None:
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        folder = self._tmp / agent.adapter_name
+        check_lora_config(model.peft_config[name], self.max_lora_rank)
+        folder = self._tmp / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        state = get_peft_model_state_dict(agent.model, adapter_name=agent.adapter_name)
+        fingerprint = _fingerprint(model, name)
+        state = get_peft_model_state_dict(model, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
                   metadata={"format": "pt"})  # fmt: skip
-        agent.model.peft_config[agent.adapter_name].save_pretrained(str(folder))
-        old = self._requests.get(agent.adapter_name)
+        model.peft_config[name].save_pretrained(str(folder))
+        self.wake_up()  # add_lora writes the adapter into GPU slots
+        engine = self.llm.llm_engine
+        old = self._served.pop(name, None)
         if old is not None:
-            remove = getattr(getattr(self.llm, "llm_engine", None), "remove_lora", None)
-            if remove is not None:
-                remove(old.lora_int_id)
-        lora_request_cls = importlib.import_module("vllm.lora.request").LoRARequest
-        self._requests[agent.adapter_name] = lora_request_cls(
-            f"{agent.adapter_name}-{self._next_id}", self._next_id, str(folder)
-        )
+            engine.remove_lora(old.request.lora_int_id)
+        request = importlib.import_module("vllm.lora.request").LoRARequest(f"{name}-{self._next_id}", self._next_id,
+                                                                           str(folder))  # fmt: skip
         self._next_id += 1
+        try:
+            loaded = engine.add_lora(request)
+        except Exception as err:
+            raise RuntimeError(f"vLLM could not load the adapter {name!r} saved in {folder}: {err}") from err
+        if loaded is False:
+            raise RuntimeError(f"vLLM refused the adapter {name!r} saved in {folder} (add_lora returned False)")
+        self._served[name] = _Served(request, fingerprint, model)
+        for gone in [n for n, s in self._served.items() if n not in s.model.peft_config]:
+            engine.remove_lora(self._served.pop(gone).request.lora_int_id)  # a released population member
+        if len(self._served) > self.max_cpu_loras:
+            self._warn_once("cpu", "%d adapters are served but VLLMConfig.max_cpu_loras=%d: switching agents re-reads "
+                            "adapters from disk; raise max_cpu_loras to the population size", len(self._served),
+                            self.max_cpu_loras)  # fmt: skip
 
+    def _ensure_served(self, name: str) -> Any:
+        """The adapter's current request, syncing it first if it is new or changed since its last sync."""
+        served = self._served.get(name)
+        model = served.model if served is not None else self._model
+        if served is None or served.fingerprint != _fingerprint(model, name):
+            if name not in model.peft_config:
+                raise KeyError(f"adapter {name!r} is not in the model (adapters: {sorted(model.peft_config)})")
+            if served is not None:
+                logger.info("adapter %r changed outside learn/load/clone since its last sync: re-syncing", name)
+            self._serve(model, name)
+        return self._served[name].request
+
+    # --------------------------------------------------------------- generation
     def generate(
         self, prompts: Sequence[dict[str, Any]], sampling: SamplingConfig, adapter_name: str = "default"
     ) -> GenerationOutput:
@@ -212,31 +290,104 @@ class VLLMBackend:
         Args:
             prompts: The environment's prompts.
             sampling: Decoding settings.
-            adapter_name: Whose adapter to use (must have been :meth:`sync`-ed).
+            adapter_name: Whose adapter to use (synced first if it changed or was never synced).
 
         Returns:
             The :class:`GenerationOutput`, in the same format as the HF backend.
 
         Raises:
-            KeyError: If the adapter was never synced.
+            KeyError: If the model has no such adapter.
+            ValueError: If a prompt alone fills the engine's ``max_model_len``.
         """
-        if adapter_name not in self._requests:
-            raise KeyError(f"adapter {adapter_name!r} was never synced to vLLM: call sync(agent) first")
-        _, _, unpadded = left_pad(prompts, self.pad_token_id)
-        params = self.vllm.SamplingParams(**sampling_params_kwargs(sampling, self.eos_token_ids))
+        return self.generate_batches([AdapterBatch(adapter_name, prompts, sampling)])[0]
+
+    def generate_batches(self, batches: Sequence[AdapterBatch]) -> list[GenerationOutput]:
+        """Generate for several adapters (a population) in ONE ``llm.generate`` call.
+
+        Each prompt carries its batch's ``LoRARequest`` and ``SamplingParams``; vLLM schedules up to
+        ``max_loras`` adapters per step.
+
+        Args:
+            batches: Per adapter its prompts and decoding settings.
+
+        Returns:
+            One :class:`GenerationOutput` per batch, in order.
+
+        Raises:
+            KeyError: If the model has no such adapter.
+            ValueError: If there are no batches or a prompt alone fills the engine's ``max_model_len``.
+            RuntimeError: After :meth:`close`.
+        """
+        self._check_open()
+        if not batches:
+            raise ValueError("got no batches: pass one AdapterBatch per adapter")
+        requests, params, unpadded = [], [], []
+        for batch in batches:
+            _, _, ids = left_pad(batch.prompts, self.pad_token_id)
+            budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, self.max_model_len,
+                                       warn="budget" not in self._warned)  # fmt: skip
+            if budget < batch.sampling.max_new_tokens:
+                self._warned.add("budget")
+            sampling = dataclasses.replace(batch.sampling, max_new_tokens=budget)
+            kwargs = sampling_params_kwargs(sampling, self.eos_token_ids, logprobs=self.config.logprobs)
+            requests.append(self._ensure_served(batch.adapter_name))
+            params.append(self.vllm.SamplingParams(**kwargs))
+            unpadded.append(ids)
+        if len({r.lora_int_id for r in requests}) > self.config.max_loras:
+            self._warn_once("loras", "one call serves %d adapters but VLLMConfig.max_loras=%d: vLLM runs the others "
+                            "after them; raise max_loras for one pass", len(requests), self.config.max_loras)  # fmt: skip
+        sizes = [len(ids) for ids in unpadded]
+        flat = [{"prompt_token_ids": i.tolist()} for ids in unpadded for i in ids]
+        if len(batches) == 1:
+            param_arg, lora_arg = params[0], requests[0]
+        else:
+            param_arg = [p for p, n in zip(params, sizes, strict=True) for _ in range(n)]
+            lora_arg = [r for r, n in zip(requests, sizes, strict=True) for _ in range(n)]
         self.wake_up()
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids.tolist()} for ids in unpadded],
-            params,
-            lora_request=self._requests[adapter_name],
-            use_tqdm=False,
-        )
-        self.sleep()
-        return convert_outputs(outputs, unpadded, sampling.group_size, self.eos_token_ids, self.pad_token_id)
+        outputs = self.llm.generate(flat, param_arg, lora_request=lora_arg, use_tqdm=False)
+        if not self._phases:
+            self._sleep()  # no phase calls from the training loop: release the GPU after every call
+        results, logps, start = [], [], 0
+        for batch, ids, size in zip(batches, unpadded, sizes, strict=True):
+            part = outputs[start : start + size]
+            start += size
+            out = convert_outputs(part, ids, batch.sampling.group_size, self.eos_token_ids, self.pad_token_id)
+            results.append(out)
+            if self.config.logprobs:
+                logps.append(_rollout_logprobs(part, ids, out.action_masks))
+        self.last_logprobs = logps if self.config.logprobs else None
+        return results
 
     def close(self) -> None:
-        """Delete the temporary adapter folders."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        """Shut the engine down, free its GPU memory and delete the adapter folders (idempotent)."""
+        llm, self.llm = self.llm, None
+        self._served.clear()
+        _LIVE.discard(self)
+        if llm is not None:
+            try:
+                if self.config.sleep_mode and not self._asleep:
+                    llm.sleep(level=2)  # nothing wakes it again: drop weights and KV cache without a CPU copy
+                shutdown = getattr(llm, "shutdown", None)  # vLLM PRs #36283/#46023; else the engine core's
+                if shutdown is None:
+                    shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+                if shutdown is not None:
+                    shutdown()
+            except Exception as err:  # noqa: BLE001 - closing must not fail a finished run
+                logger.warning("vLLM engine shutdown failed (%s); its memory is freed when the process exits", err)
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self._cleanup()
+
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("this vLLM backend was closed: build a new agent (GRPO(use_vllm=True)) to generate")
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
 
 def convert_outputs(
@@ -280,3 +431,54 @@ def build_vllm_backend(agent: Any, config: VLLMConfig | None = None) -> VLLMBack
         The backend.
     """
     return VLLMBackend(agent, config if config is not None else VLLMConfig())
+
+
+def _rollout_logprobs(outputs: Sequence[Any], unpadded: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    """Per prompt ``[G, L_i + C_i - 1]`` float: each sampled token's vLLM log-prob at its mask position, else 0."""
+    result = []
+    for request, prompt, mask in zip(outputs, unpadded, masks, strict=True):
+        logp = torch.zeros(mask.shape, dtype=torch.float32)
+        for g, completion in enumerate(request.outputs):
+            for t in range(int(mask[g].sum())):
+                entry = completion.logprobs[t][completion.token_ids[t]]
+                logp[g, len(prompt) - 1 + t] = float(getattr(entry, "logprob", entry))
+        result.append(logp)
+    return result
+
+
+def truncated_importance_weights(
+    trainer_logps: Tensor, rollout_logps: Tensor, mask: Tensor, cap: float = 2.0
+) -> Tensor:
+    """Truncated importance-sampling weights ``min(exp(trainer - rollout), cap)`` per token (TRL's TIS).
+
+    vLLM's kernels sample from a slightly different distribution than the trainer computes; scaling
+    each token's policy loss by this (detached) weight corrects the resulting off-policy bias.
+
+    Args:
+        trainer_logps: ``[B, T]`` the trainer's log-probs of the sampled tokens (no gradient needed).
+        rollout_logps: ``[B, T]`` vLLM's log-probs of the same tokens (``last_logprobs``).
+        mask: ``[B, T]`` bool, the completion tokens.
+        cap: Upper clamp of a weight.
+
+    Returns:
+        ``[B, T]`` weights, 0 outside the mask.
+    """
+    ratio = torch.exp(trainer_logps.detach().float() - rollout_logps.float()).clamp(max=cap)
+    return torch.where(mask.bool(), ratio, torch.zeros_like(ratio))
+
+
+def logprob_drift(trainer_logps: Tensor, rollout_logps: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far vLLM's sampled-token log-probs are from the trainer's, over the completion tokens.
+
+    Args:
+        trainer_logps: ``[B, T]`` the trainer's log-probs.
+        rollout_logps: ``[B, T]`` vLLM's.
+        mask: ``[B, T]`` bool, the completion tokens.
+
+    Returns:
+        ``mean_abs``, ``max_abs`` (of the difference) and ``tokens`` (how many were compared).
+    """
+    diff = (trainer_logps.detach().float() - rollout_logps.float())[mask.bool()].abs()
+    if diff.numel() == 0:
+        return {"mean_abs": 0.0, "max_abs": 0.0, "tokens": 0.0}
+    return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max()), "tokens": float(diff.numel())}
