@@ -74,7 +74,7 @@ def test_dataset_kwarg_replaces_the_generator(env_id, tmp_path):
     assert list(gym.make(env_id, dataset=data).unwrapped.problems) == generated
     data.save_to_disk(str(tmp_path / "data"))
     assert list(gym.make(env_id, dataset=str(tmp_path / "data"), size=2).unwrapped.problems) == generated[:2]
-    broken = data.rename_column(task.answer_column, "solution")
+    broken = data.rename_column(task.answer_column, f"not_{task.answer_column}")
     with pytest.raises(KeyError, match=f"{env_id} needs column '{task.answer_column}'"):
         gym.make(env_id, dataset=broken)
     env = gym.make(env_id, dataset=data)
