@@ -12,9 +12,11 @@ left out.
 The solver is this module's own: bitmask domains (one mask of possible houses per value),
 propagation of every clue and of the all-different rule to a fixpoint, then backtracking on the
 smallest domain, counting at most 2 solutions. It was chosen over OR-Tools CP-SAT (the RL report
-in seed 002 used CP-SAT): for these sizes (at most 6 x 6) it decides uniqueness in well under a
-millisecond per call, it needs no install (ortools is a ~30 MB wheel that pins protobuf), and its
-propagation steps double as the oracle's reasoning trace.
+in seed 002 used CP-SAT): at these sizes (at most 6 x 6) it decides uniqueness in 0.3 ms (4 x 3)
+to 2.2 ms (6 x 6) per call on one CPU core, it needs no install (ortools 9.15 is a 30 MB wheel that
+pulls pandas and absl-py and pins protobuf to 6.33), and its propagation steps double as the
+oracle's reasoning trace. Generation (a few dozen solver calls per puzzle) makes ~100 puzzles/s
+at the default 4 x 3, ~10/s at 6 x 6.
 
 ## Prompt
 A system message (Countdown's), the ``puzzle`` (rules, attributes and their values in order,
