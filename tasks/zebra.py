@@ -58,6 +58,8 @@ The fields of :class:`ZebraConfig` (size and clue mix), plus the env's ``dataset
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import textwrap
 from collections.abc import Mapping
@@ -275,44 +277,49 @@ def count_solutions(clues: list[tuple], n: int, m: int, limit: int = 2) -> int:
     return found
 
 
-def _draw_clue(rng: np.random.Generator, kinds: list[str], p: np.ndarray, house: list[list[int]], n: int) -> tuple:
-    """One clue that is true of the solution (``house[a][v]`` is the house of value v of attribute a)."""
-    m = len(house)
-    at = [{house[a][v]: a * n + v for v in range(n)} for a in range(m)]  # at[a][h]: entity of a in house h
-    kind = kinds[int(rng.choice(len(kinds), p=p))]
-    a, b = (int(i) for i in rng.choice(m, size=2, replace=False))
+def _two(rng: np.random.Generator, k: int) -> tuple[int, int]:
+    """Two different numbers in ``range(k)`` (cheaper than ``rng.choice(k, 2, replace=False)``)."""
+    first = int(rng.integers(k))
+    return first, (first + 1 + int(rng.integers(k - 1))) % k
+
+
+def _draw_clue(rng: np.random.Generator, kinds: list[str], cumulative: list[float], house: list[list[int]]) -> tuple:
+    """One clue that is true of the solution (``house[a][v]`` is the house of value v of attribute a).
+
+    ``cumulative`` holds the running sums of the kinds' weights.
+    """
+    m, n = len(house), len(house[0])
+    kind = kinds[bisect.bisect_right(cumulative, float(rng.random()) * cumulative[-1])]
+    a, b = _two(rng, m)
     if kind in ("at", "not_at"):
-        e = a * n + int(rng.integers(n))
-        h = house[a][e - a * n]
+        v = int(rng.integers(n))
+        h = house[a][v]
         if kind == "not_at":
-            h = int(rng.choice([k for k in range(n) if k != h]))
-        return (kind, e, h)
+            h = (h + 1 + int(rng.integers(n - 1))) % n
+        return (kind, a * n + v, h)
     if kind == "same":
-        h = int(rng.integers(n))
-        return (kind, at[a][h], at[b][h])
-    if kind == "not_same":
-        h, k = (int(i) for i in rng.choice(n, size=2, replace=False))
-        return (kind, at[a][h], at[b][k])
-    b = int(rng.integers(m))  # positional clues may relate two values of one attribute
-    h = int(rng.integers(n - 1))
-    if kind == "before":
-        h, k = sorted(int(i) for i in rng.choice(n, size=2, replace=False))
-        return (kind, at[a][h], at[b][k])
-    if kind == "next_to" and rng.random() < 0.5:
-        return (kind, at[a][h + 1], at[b][h])
-    return (kind, at[a][h], at[b][h + 1])
+        h = k = int(rng.integers(n))
+    elif kind == "not_same":
+        h, k = _two(rng, n)
+    else:  # positional clues may relate two values of one attribute
+        b = int(rng.integers(m))
+        h, k = sorted(_two(rng, n)) if kind == "before" else (int(rng.integers(n - 1)),) * 2
+        if kind != "before":
+            k = h + 1
+            if kind == "next_to" and rng.random() < 0.5:
+                h, k = k, h
+    return (kind, a * n + house[a].index(h), b * n + house[b].index(k))
 
 
 def _clues_for(rng: np.random.Generator, config: ZebraConfig, house: list[list[int]]) -> list[tuple]:
     """Draw clues until the solution is unique, then drop the ones it does not need."""
     n, m = config.houses, config.attributes
     kinds = [k for k in CLUE_KINDS if config.clue_mix.get(k, 0) > 0]
-    p = np.array([config.clue_mix[k] for k in kinds], dtype=float)
-    p /= p.sum()
+    cumulative = list(itertools.accumulate(float(config.clue_mix[k]) for k in kinds))
     clues: list[tuple] = []
     for _ in range(_MAX_BATCHES):
         for _ in range(n):
-            clue = _draw_clue(rng, kinds, p, house, n)
+            clue = _draw_clue(rng, kinds, cumulative, house)
             if clue not in clues:
                 clues.append(clue)
         if count_solutions(clues, n, m) == 1:

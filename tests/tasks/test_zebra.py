@@ -46,8 +46,8 @@ def random_clues(rng, n, m, k):
     """``k`` clues: arbitrary ones (often contradictory) or, half the time, ones true of a random solution."""
     if rng.random() < 0.5:
         house = [[int(h) for h in rng.permutation(n)] for _ in range(m)]
-        kinds, p = list(zebra.CLUE_KINDS), np.full(len(zebra.CLUE_KINDS), 1 / len(zebra.CLUE_KINDS))
-        return [zebra._draw_clue(rng, kinds, p, house, n) for _ in range(k)]
+        kinds, cumulative = list(zebra.CLUE_KINDS), [float(i + 1) for i in range(len(zebra.CLUE_KINDS))]
+        return [zebra._draw_clue(rng, kinds, cumulative, house) for _ in range(k)]
     clues = []
     for _ in range(k):
         kind = zebra.CLUE_KINDS[int(rng.integers(len(zebra.CLUE_KINDS)))]
