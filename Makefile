@@ -9,11 +9,12 @@ BIN    := $(VENV)/bin
 
 # torch is installed first and pinned: on a CPU machine torch==2.13.0 is the local CPU wheel,
 # while an unpinned torch pulled in by a dependency would fetch the CUDA build (GBs).
+# The extras the tests use come too (reasoning-gym: the llm_gym/RG-v0 tests).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,reasoning-gym]"
 	touch $@
 
 install: $(VENV)/.installed

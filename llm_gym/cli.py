@@ -10,6 +10,8 @@ CLI is the one module of the core that wires in the trainers, and it imports the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -20,41 +22,96 @@ from llm_gym.registry import get_task, list_envs
 from llm_gym.table import format_table, held_out_table
 from llm_gym.task import Task
 
-__all__ = ["build_parser", "format_table", "main"]
+__all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
 
 logger = logging.getLogger(__name__)
 
 
+def parse_task_kwargs(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``--task-kwargs``: ``KEY=VALUE`` pairs (each value read as JSON when it parses, else as text) or one JSON object.
+
+    >>> parse_task_kwargs(["name=leg_counting", "max_animals=3"])
+    {'name': 'leg_counting', 'max_animals': 3}
+
+    Raises:
+        ValueError: naming the item that is neither ``KEY=VALUE`` nor a JSON object.
+    """
+    if items is None:
+        return None
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        try:
+            value = json.loads(items[0])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--task-kwargs: {items[0]!r} is not a JSON object ({err})") from None
+        if isinstance(value, dict):
+            return value
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--task-kwargs takes KEY=VALUE pairs or one JSON object, got {item!r}")
+        try:
+            kwargs[key] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[key] = text
+    return kwargs
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.rg:
+        from llm_gym.tasks.rg import dataset_names
+
+        try:
+            rows = dataset_names()
+        except ModuleNotFoundError as err:
+            print(f"llm-gym list: {err}", file=sys.stderr)
+            return 2
+        print(format_table(rows, ["reasoning-gym dataset (llm_gym/RG-v0, name=...)", "description"]))
+        return 0
     rows = [(env_id, get_task(env_id).description) for env_id in list_envs()]
     print(format_table(rows, ["id", "description"]))
     return 0
 
 
-def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any) -> Any:
+def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any, knobs: dict[str, Any]) -> Any:
     """A batched env over the first ``-n`` problems of the chosen split, for the shared rollout."""
     from llm_gym.env import build_problems
     from llm_gym.reasoning_gym import ReasoningGym
 
     size = None if args.dataset else args.num_problems
-    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed)
+    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed, **knobs)
     rows = [problems[i] for i in range(min(args.num_problems, len(problems)))]
     # The rows are the env's held-out split (what evaluate() reads); its training split is unused.
     return ReasoningGym(rows, rows, tokenizer, task.rubric.copy(), task.template, data_batch_size_per_gpu=16,
                         correct_part=task.correct_part)  # fmt: skip
 
 
+def _default_eval_tasks() -> list[str]:
+    """Tasks the oracle can run offline: an oracle, a generator and every optional requirement installed."""
+    ids = []
+    for env_id in list_envs():
+        task = get_task(env_id)
+        if task.solve is not None and task.generate is not None and not task.missing_requirements:
+            ids.append(env_id)
+    return ids
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llm_gym.algorithms.rollout.policies import ModelPolicy, OraclePolicy
     from llm_gym.algorithms.rollout.rollout import evaluate
 
-    tasks = args.task or [env_id for env_id in list_envs() if get_task(env_id).solve is not None]
+    tasks = args.task or _default_eval_tasks()
+    try:
+        knobs = parse_task_kwargs(args.task_kwargs) or {}
+    except ValueError as err:
+        print(f"llm-gym eval: {err}", file=sys.stderr)
+        return 2
     policy_name = args.model or "oracle"
     model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
     rows = []
     for env_id in tasks:
         task = get_task(env_id)
-        env = _eval_env(task, args, tokenizer)
+        env = _eval_env(task, args, tokenizer, knobs)
         try:
             policy = model_policy if model_policy is not None else OraclePolicy(task, env)
         except ValueError as err:
@@ -72,17 +129,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.recipe import load_config, run_training
+    from llm_gym.algorithms.recipe import TrainConfig, load_config, run_training
 
     try:
+        task_kwargs = parse_task_kwargs(args.task_kwargs)
         config = load_config(
-            args.config, task=args.task, model=args.model, population=args.population, max_steps=args.max_steps,
-            sft_steps=args.sft_steps, output_dir=args.output_dir, resume=args.resume, seed=args.seed,
-            threads=args.threads,
+            args.config, task=args.task, task_kwargs=task_kwargs, model=args.model, population=args.population,
+            max_steps=args.max_steps, sft_steps=args.sft_steps, output_dir=args.output_dir, resume=args.resume,
+            seed=args.seed, threads=args.threads,
         )
     except (ValueError, OSError) as err:
         print(f"llm-gym train: {err}", file=sys.stderr)
         return 2
+    default = TrainConfig()
+    if args.task and task_kwargs is None and config.task != default.task and config.task_kwargs == default.task_kwargs:
+        config = dataclasses.replace(config, task_kwargs={})  # another task does not inherit Countdown's knobs
     if not args.verbose:  # per-step metrics and evaluations of the run, without the libraries' debug noise
         logging.getLogger("llm_gym").setLevel(logging.INFO)
     summary = run_training(config)
@@ -101,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p_list = sub.add_parser("list", help="list the registered environment ids")
+    p_list.add_argument("--rg", action="store_true", help="list the reasoning-gym datasets of llm_gym/RG-v0 instead")
     p_list.set_defaults(func=_cmd_list)
+    task_kwargs_help = ("task knobs: KEY=VALUE pairs (values read as JSON) or one JSON object, "
+                        "e.g. --task-kwargs name=leg_counting max_animals=3")  # fmt: skip
 
     p_eval = sub.add_parser("eval", help="evaluate a policy (the oracle, or a model) and print per-part rewards")
-    p_eval.add_argument("--task", action="append", help="environment id (repeatable); default: every task with an oracle")
+    p_eval.add_argument("--task", action="append",
+                        help="environment id (repeatable); default: every generated task with an oracle")
+    p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
     p_eval.add_argument("--model", help="local path or hub id of a causal LM; default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
     p_eval.add_argument("--split", default="test", choices=("train", "test"))
@@ -118,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_train.add_argument("--config", help="YAML file of TrainConfig fields (llm_gym.algorithms.recipe)")
     p_train.add_argument("--task", help="environment id, e.g. llm_gym/Countdown-v0")
+    p_train.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE",
+                         help=task_kwargs_help + "; a --task other than Countdown without them gets no knobs")
     p_train.add_argument("--model", help="local path or hub id of a causal LM (default: the embedded tiny model)")
     p_train.add_argument("--population", type=int, help="agents in the population")
     p_train.add_argument("--max-steps", type=int, help="training steps")

@@ -36,8 +36,9 @@ def build_problems(
 
     Args:
         task: The task.
-        dataset: ``None`` for the task's generator; else a ``datasets.DatasetDict``, a
-            ``datasets.Dataset``, or a hub id / local folder loaded through ``datasets``. Data with
+        dataset: ``None`` for the task's generator (for a task without one: its ``hf_dataset``);
+            else a ``datasets.DatasetDict``, a ``datasets.Dataset``, or a hub id / local folder
+            loaded through ``datasets``. Data with
             a ``test`` split gives its ``split``. Data without one (a single ``Dataset``, or the
             Countdown hub dataset, which has only ``train``) is split by a hash of each problem:
             ``test_fraction`` of the problems are the test split, the rest the train split, so
@@ -51,6 +52,8 @@ def build_problems(
     Returns:
         The problem set.
     """
+    if dataset is None and task.generate is None and task.hf_dataset is not None:
+        dataset = task.hf_dataset  # a data-only task reads its public dataset
     if dataset is None:
         config = task.make_config(**knobs)
         return ProblemSet.generated(
@@ -58,7 +61,8 @@ def build_problems(
         )
     task.make_config(**knobs)  # still reject unknown knobs
     if isinstance(dataset, (str, Path)):
-        dataset = load_hf_dataset(dataset, split=None)
+        config_name = task.hf_config if str(dataset) == task.hf_dataset else None
+        dataset = load_hf_dataset(dataset, split=None, config_name=config_name)
     return ProblemSet.from_dataset(task, _take_split(task, dataset, split, test_fraction), split=split, size=size)
 
 

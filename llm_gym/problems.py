@@ -52,13 +52,14 @@ def split_of(key: str, test_fraction: float) -> str:
     return "test" if bucket < test_fraction * 10_000 else "train"
 
 
-def load_hf_dataset(name_or_path: str | Path, split: str | None = "train") -> Any:
+def load_hf_dataset(name_or_path: str | Path, split: str | None = "train", config_name: str | None = None) -> Any:
     """Load a dataset through ``datasets``: a hub id, a local data folder, or a ``save_to_disk`` folder.
 
     Args:
         name_or_path: ``"Jiayi-Pan/Countdown-Tasks-3to4"``, a folder of parquet/json/csv files, or a
             folder written by ``Dataset.save_to_disk``.
         split: The split to take; ``None`` returns what was loaded (a ``Dataset`` or ``DatasetDict``).
+        config_name: The hub dataset's configuration (``"main"`` for ``openai/gsm8k``).
 
     Returns:
         A ``datasets.Dataset`` (or ``DatasetDict`` when ``split`` is ``None``).
@@ -72,7 +73,7 @@ def load_hf_dataset(name_or_path: str | Path, split: str | None = "train") -> An
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(path))
     else:
-        loaded = datasets.load_dataset(str(name_or_path))
+        loaded = datasets.load_dataset(str(name_or_path), config_name)
     if split is not None and isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"dataset {name_or_path} has no split {split!r}; splits: {sorted(loaded)}")

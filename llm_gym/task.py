@@ -8,6 +8,7 @@ single-problem :class:`~llm_gym.env.ReasoningEnv` and the batched
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,16 @@ class Task:
         generate: ``(rng, config) -> problem`` draws one problem, or ``None`` for data-only tasks.
         solve: ``problem -> completion`` the oracle: a reference completion with its reasoning,
             written to follow the default template's prefill (used for SFT warm-up), or ``None``.
-        hf_dataset: Hub id of the public dataset in this task's schema, if any.
+        hf_dataset: Hub id of the public dataset in this task's schema, if any. A task without a
+            generator reads it when no ``dataset`` is given (network or the local hub cache).
         description: One line for listings.
+        hf_config: The configuration name of ``hf_dataset`` (``"main"`` for ``openai/gsm8k``).
+        requires: Modules of an optional extra the task needs (``("reasoning_gym",)``); imported
+            only when its problems are built. Tests and ``llm-gym eval`` skip a task whose
+            requirements are missing (:attr:`missing_requirements`).
+        configure: ``(config, knobs) -> config`` replaces the default knob handling of
+            :meth:`make_config` for a task whose knobs are not the fixed fields of one dataclass
+            (the reasoning-gym adapter: each of its datasets has its own fields).
     """
 
     name: str
@@ -57,6 +66,9 @@ class Task:
     solve: Callable[[Mapping[str, Any]], str | None] | None = None
     hf_dataset: str | None = None
     description: str = ""
+    hf_config: str | None = None
+    requires: tuple[str, ...] = ()
+    configure: Callable[[Any, dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         for col in (self.question_column, self.answer_column):
@@ -74,6 +86,11 @@ class Task:
         return f"llm_gym/{self.name}-v{self.version}"
 
     @property
+    def missing_requirements(self) -> tuple[str, ...]:
+        """The modules of :attr:`requires` that are not installed (found without importing them)."""
+        return tuple(module for module in self.requires if importlib.util.find_spec(module) is None)
+
+    @property
     def problem_columns(self) -> tuple[str, ...]:
         """The task columns plus the ``question`` and ``answer`` aliases templates may use."""
         return tuple(dict.fromkeys((*self.columns, "question", "answer")))
@@ -84,6 +101,8 @@ class Task:
         Raises:
             TypeError: naming an unknown knob and the valid ones.
         """
+        if self.configure is not None:
+            return self.configure(self.config, dict(knobs))
         if self.config is None:
             if knobs:
                 raise TypeError(f"task {self.name} has no generator knobs; got {sorted(knobs)}")

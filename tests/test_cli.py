@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from llm_gym.cli import main
+from llm_gym.cli import main, parse_task_kwargs
+from llm_gym.registry import get_task, list_envs
+from tests.task_data import data_kwargs
 
 TINY_RUN = """\
 task: llm_gym/Countdown-v0
@@ -83,3 +85,59 @@ def test_eval_of_a_model_uses_the_fitness_evaluation(capsys):
     assert metrics["problems"] == 3.0
     assert rows["total"] == pytest.approx(round(metrics["reward/total"], 3), abs=1e-3)
     assert rows["exact accuracy"] == pytest.approx(round(metrics["accuracy"], 3), abs=1e-3)
+
+
+def _eval_rows(out):
+    return {line.split("|")[3].strip(): float(line.split("|")[4]) for line in out.splitlines()[2:]}
+
+
+ORACLE_IDS = [env_id for env_id in list_envs() if get_task(env_id).solve is not None]
+
+
+@pytest.mark.parametrize("env_id", ORACLE_IDS)
+def test_eval_of_the_oracle_scores_exact_on_every_task_with_an_oracle(env_id, tmp_path, capsys):
+    data = data_kwargs(env_id)  # skips a task whose optional extra is missing
+    argv = ["eval", "--task", env_id, "-n", "5"]
+    if data:  # a data-only task: its local sample, saved like a user's dataset folder
+        data["dataset"].save_to_disk(str(tmp_path / "data"))
+        argv += ["--dataset", str(tmp_path / "data")]
+    assert main(argv) == 0
+    rows = _eval_rows(capsys.readouterr().out)
+    assert rows["exact accuracy"] == 1.0 and rows["total"] == get_task(env_id).rubric.max_total
+
+
+def test_eval_by_default_runs_the_generated_tasks_it_can_run_offline(capsys):
+    assert main(["eval", "-n", "2"]) == 0
+    envs = {line.split("|")[0].strip() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert {"llm_gym/Countdown-v0", "llm_gym/Subtraction-v0", "llm_gym/Zebra-v0"} <= envs
+    assert "llm_gym/GSM8K-v0" not in envs  # data-only: needs --dataset (or the hub)
+
+
+def test_task_kwargs_are_pairs_or_one_json_object(capsys):
+    assert parse_task_kwargs(None) is None
+    assert parse_task_kwargs(["name=leg_counting", "max_animals=3", "ratio=0.5", "flag=true", "word=a=b"]) == {
+        "name": "leg_counting", "max_animals": 3, "ratio": 0.5, "flag": True, "word": "a=b"}
+    assert parse_task_kwargs(['{"houses": 3, "clue_mix": {"at": 1}}']) == {"houses": 3, "clue_mix": {"at": 1}}
+    assert parse_task_kwargs(['clue_mix={"same": 1}']) == {"clue_mix": {"same": 1}}
+    with pytest.raises(ValueError, match="--task-kwargs takes KEY=VALUE pairs or one JSON object, got 'houses'"):
+        parse_task_kwargs(["houses"])
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        parse_task_kwargs(["{houses: 3}"])
+    assert main(["eval", "--task", "llm_gym/Zebra-v0", "--task-kwargs", "3"]) == 2
+    assert "llm-gym eval: --task-kwargs takes KEY=VALUE pairs" in capsys.readouterr().err
+    assert main(["eval", "--task", "llm_gym/Zebra-v0", "--task-kwargs", "houses=3", "attributes=2", "-n", "3"]) == 0
+    assert _eval_rows(capsys.readouterr().out)["exact accuracy"] == 1.0
+
+
+def test_train_task_from_the_command_line_does_not_inherit_countdowns_knobs(monkeypatch, tmp_path):
+    import llm_gym.algorithms.recipe as recipe
+
+    seen = []
+    summary = {"elite": {}, "sft": {}, "run_dir": str(tmp_path), "seconds": 0.0}
+    monkeypatch.setattr(recipe, "run_training", lambda config: seen.append(config) or summary)  # no training
+    for argv in (["--task", "llm_gym/Zebra-v0"], ["--task", "llm_gym/Zebra-v0", "--task-kwargs", "houses=3"],
+                 ["--task", "llm_gym/Countdown-v0"], []):  # fmt: skip
+        assert main(["train", *argv]) == 0
+    assert [c.task_kwargs for c in seen] == [
+        {}, {"houses": 3}, recipe.TrainConfig().task_kwargs, recipe.TrainConfig().task_kwargs]
+    assert [c.task for c in seen] == ["llm_gym/Zebra-v0"] * 2 + ["llm_gym/Countdown-v0"] * 2

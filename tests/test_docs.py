@@ -7,6 +7,7 @@ that needs a GPU or the network).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -40,3 +41,30 @@ def test_page_code_runs(page: Path, tmp_path: Path) -> None:
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, f"{page.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+CARDS_MARK = "<!-- Task cards below: generated from the task modules' docstrings by tests/test_docs.py -->\n"
+
+
+def task_cards() -> str:
+    """Every built-in task's card (its module docstring, headings one level down), modules in alphabetical order."""
+    import llm_gym.tasks
+
+    sections = []
+    for name in llm_gym.tasks.__all__:
+        module = importlib.import_module(f"llm_gym.tasks.{name}")
+        title, _, body = module.__doc__.strip().partition("\n")
+        body = re.sub(r"^## ", "### ", body.strip(), flags=re.M)
+        sections.append(f"## `{module.TASK.env_id}`\n\n{title}\n\n{body}\n")
+    return "\n".join(sections)
+
+
+def test_tasks_page_shows_every_task_card() -> None:
+    page = DOCS / "tasks.md"
+    top = page.read_text().split(CARDS_MARK)[0]
+    expected = top + CARDS_MARK + "\n" + task_cards()
+    if os.environ.get("LLM_GYM_UPDATE_DOCS"):
+        page.write_text(expected)
+    assert page.read_text() == expected, (
+        "docs/tasks.md does not show the current task cards: run LLM_GYM_UPDATE_DOCS=1 pytest tests/test_docs.py -k tasks_page"
+    )

@@ -161,13 +161,18 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name.startswith("tiny-tiny-")
 
 
-def test_default_corpus_covers_the_registered_tasks():
+def test_default_corpus_covers_the_default_tasks_only():
     corpus = tiny.default_corpus(problems_per_task=2)
     from llm_gym.registry import get_task, list_envs
 
     generated = [env_id for env_id in list_envs() if get_task(env_id).generate is not None]
-    assert "llm_gym/Countdown-v0" in generated
-    assert len(corpus) == 1 + 2 * len(generated)  # coverage line + 2 problems of each generated task
+    # A fixed list, not every registered task: a new task must not change the cached tiny model.
+    assert tiny.DEFAULT_CORPUS_TASKS == ("llm_gym/Countdown-v0", "llm_gym/Subtraction-v0")
+    assert "llm_gym/Zebra-v0" in generated
+    assert len(corpus) == 1 + 2 * len(tiny.DEFAULT_CORPUS_TASKS)  # coverage line + 2 problems of each task
+    assert not any("houses in a row" in text for text in corpus)
+    zebra = tiny.default_corpus(problems_per_task=2, env_ids=["llm_gym/Zebra-v0"])
+    assert len(zebra) == 3 and all("houses in a row" in text for text in zebra[1:])
     countdown = [text for text in corpus if "create an equation that equals" in text]
     assert len(countdown) == 2
     for text in countdown:  # prompt, prefill and oracle completion, closed like a finished turn
