@@ -18,7 +18,7 @@ import gymnasium as gym
 
 import llm_gym
 from llm_gym.env import ReasoningEnv
-from llm_gym.registry import get_task, list_envs
+from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
 
 __all__ = ["main", "evaluate_policy", "format_table"]
 
@@ -120,16 +120,20 @@ def _model_policy(model_id: str, max_new_tokens: int) -> tuple[Policy, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    rows = [(env_id, get_task(env_id).description) for env_id in list_envs()]
+    rows = [(env_id, env_description(env_id)) for env_id in list_envs()]
     print(format_table(rows, ["id", "description"]))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    tasks = args.task or [env_id for env_id in list_envs() if get_task(env_id).solve is not None]
+    tasks = args.task or [env_id for env_id in list_task_envs() if get_task(env_id).solve is not None]
     policy_name = args.model or "oracle"
     rows = []
     for env_id in tasks:
+        if env_id in list_envs() and env_id not in list_task_envs():
+            print(f"llm-gym eval: {env_id} is not a single-turn task env; evaluate a multi-turn game with its "
+                  "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)", file=sys.stderr)
+            return 2
         kwargs: dict[str, Any] = {"split": args.split, "size": args.num_problems, "seed": args.seed}
         if args.dataset:
             kwargs["dataset"] = args.dataset
