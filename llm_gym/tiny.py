@@ -2,7 +2,8 @@
 
 The library's embedded default: a model small enough that supervised warm-up and GRPO run on
 a laptop CPU in minutes. Everything is built from scratch here (random weights, a BPE trained
-on the registered tasks' own prompts and oracle answers) and cached on disk, so that
+on the registered envs' own prompts and oracle answers, whole TicTacToe games included) and cached on
+disk, so that
 ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load
 it like any hub model::
 
@@ -67,7 +68,7 @@ CHAT_TEMPLATE = (
 prompt. ``continue_final_message=True`` (handled by transformers) cuts the text after the last
 message's content, so an assistant prefill is continued."""
 
-_BUILD_VERSION = 2  # bump when the build or default_corpus changes: invalidates cached tiny models
+_BUILD_VERSION = 3  # bump when the build or default_corpus changes: invalidates cached tiny models
 _COVERAGE_TEXT = (
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) [ ] , . : ; ! ? < > ' \" "
     "<think> </think> <answer> </answer> \n\n"
@@ -159,25 +160,36 @@ def _chatml(messages: Iterable[dict[str, str]]) -> str:
 
 
 def default_corpus(problems_per_task: int = 200, seed: int = 0) -> list[str]:
-    """Training text for the tokenizer: every registered task's prompts and oracle answers.
+    """Training text for the tokenizer: every registered env's prompts and oracle answers.
 
     Each generated task contributes ``problems_per_task`` training problems, rendered as the
-    full conversation (prompt, prefill, oracle completion, end of turn). A fixed coverage line
-    adds digits, operators, tags and letters.
+    full conversation (prompt, prefill, oracle completion, end of turn). A custom env (a
+    multi-turn game) contributes ``problems_per_task`` whole oracle episodes when its class offers
+    ``example_conversations(count, seed)``. A fixed coverage line adds digits, operators, tags and
+    letters.
 
     Args:
-        problems_per_task: Problems drawn from each task's train split.
+        problems_per_task: Problems (or episodes) drawn from each env's train split.
         seed: Seed of the drawn problems.
 
     Returns:
-        The corpus, one text per problem (plus the coverage line).
+        The corpus, one text per problem or episode (plus the coverage line).
     """
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
     import llm_gym.tasks  # noqa: F401  (registers the built-in tasks)
     from llm_gym.env import build_problems
-    from llm_gym.registry import get_task, list_envs
+    from llm_gym.registry import get_task, list_envs, list_task_envs
 
     texts = [_COVERAGE_TEXT]
+    task_envs = set(list_task_envs())
     for env_id in list_envs():
+        if env_id not in task_envs:
+            examples = getattr(load_env_creator(gym.spec(env_id).entry_point), "example_conversations", None)
+            if examples is not None:
+                texts.extend(_chatml(conversation) for conversation in examples(problems_per_task, seed))
+            continue
         task = get_task(env_id)
         if task.generate is None:
             continue

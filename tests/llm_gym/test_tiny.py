@@ -163,9 +163,11 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 def test_default_corpus_covers_the_registered_tasks():
     corpus = tiny.default_corpus(problems_per_task=2)
-    from llm_gym.registry import get_task, list_envs
+    from llm_gym.registry import get_task, list_task_envs
 
-    generated = [env_id for env_id in list_envs() if get_task(env_id).generate is not None]
+    # corpus sources: generated tasks (2 problems each) and custom envs with example games (2 games each)
+    generated = [env_id for env_id in list_task_envs() if get_task(env_id).generate is not None]
+    generated.append("llm_gym/TicTacToe-v0")
     assert "llm_gym/Countdown-v0" in generated
     assert len(corpus) == 1 + 2 * len(generated)  # coverage line + 2 problems of each generated task
     countdown = [text for text in corpus if "create an equation that equals" in text]
@@ -173,3 +175,8 @@ def test_default_corpus_covers_the_registered_tasks():
     for text in countdown:  # prompt, prefill and oracle completion, closed like a finished turn
         assert "Let me solve this step by step.\n<think> " in text
         assert text.endswith("</answer><|im_end|>\n")
+    games = [text for text in corpus if "You are playing Tic-Tac-Toe." in text]
+    assert len(games) == 2
+    for text in games:  # whole oracle games: the rules, moves in the answer format, the final result
+        assert text.count("<|im_start|>assistant\n<think>") >= 3 and "</think><move>" in text
+        assert text.endswith("<|im_end|>\n") and ("You win!" in text or "draw." in text)
