@@ -67,7 +67,10 @@ class EpisodeBatch:
         return len(self.envs)
 
     def reset(
-        self, *, seed: int | Sequence[int | None] | None = None, options: Sequence[Mapping[str, Any] | None] | None = None
+        self,
+        *,
+        seed: int | Sequence[int | None] | None = None,
+        options: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Reset every episode.
 
@@ -82,12 +85,16 @@ class EpisodeBatch:
             ValueError: if ``seed`` or ``options`` has the wrong length.
         """
         n = len(self.envs)
-        seeds = [None if seed is None else seed + i for i in range(n)] if seed is None or isinstance(seed, int) else list(seed)
+        if seed is None or isinstance(seed, int):
+            seeds: list[int | None] = [None if seed is None else seed + i for i in range(n)]
+        else:
+            seeds = list(seed)
         opts = [None] * n if options is None else list(options)
         if len(seeds) != n or len(opts) != n:
             raise ValueError(f"got {len(seeds)} seeds and {len(opts)} options for {n} envs: give one per env")
         for i, env in enumerate(self.envs):
-            self.observations[i], self.infos[i] = env.reset(seed=seeds[i], options=None if opts[i] is None else dict(opts[i]))
+            option = None if opts[i] is None else dict(opts[i])
+            self.observations[i], self.infos[i] = env.reset(seed=seeds[i], options=option)
         self.returns = [0.0] * n
         self.terminated = [False] * n
         self.truncated = [False] * n
@@ -189,7 +196,9 @@ class LengthSummary:
         )
 
 
-def length_summary(conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: Any, seq_len: int) -> LengthSummary:
+def length_summary(
+    conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: Any, seq_len: int
+) -> LengthSummary:
     """How long conversations are in tokens, and how many fit ``seq_len`` (logged).
 
     Each conversation is tokenized whole with ``tokenizer.apply_chat_template`` (as the seed
@@ -204,7 +213,9 @@ def length_summary(conversations: Sequence[Sequence[Mapping[str, str]]], tokeniz
         The summary; ``str(summary)`` reads "longest conversation 311 tokens (mean 240.2); 98.28 % of
         174 fit in 700".
     """
-    lengths = [len(_token_ids(tokenizer.apply_chat_template([dict(m) for m in conv], tokenize=True))) for conv in conversations]
+    lengths = [
+        len(_token_ids(tokenizer.apply_chat_template([dict(m) for m in conv], tokenize=True))) for conv in conversations
+    ]
     summary = LengthSummary(
         count=len(lengths),
         longest=max(lengths, default=0),

@@ -21,7 +21,9 @@ from gymnasium.envs.registration import load_env_creator
 
 from llm_gym.task import Task
 
-__all__ = ["register_task", "register_env", "list_envs", "list_task_envs", "get_task", "env_description", "NAMESPACE"]
+__all__ = [
+    "NAMESPACE", "env_description", "get_task", "list_envs", "list_task_envs", "register_env", "register_task",
+]
 
 NAMESPACE = "llm_gym"
 
@@ -56,7 +58,9 @@ def register_env(env_id: str, entry_point: str, *, kwargs: Mapping[str, Any] | N
     try:
         json.dumps(kwargs)
     except TypeError as err:
-        raise TypeError(f"{env_id}: registration kwargs must be JSON values (pass objects to gym.make): {err}") from None
+        raise TypeError(
+            f"{env_id}: registration kwargs must be JSON values (pass objects to gym.make instead): {err}"
+        ) from None
     gym.register(id=env_id, entry_point=entry_point, kwargs=kwargs)
 
 

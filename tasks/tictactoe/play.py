@@ -175,7 +175,9 @@ def game_records(batch: EpisodeBatch) -> list[GameRecord]:
     return records
 
 
-def play_games(policy: TextPolicy, setups: Sequence[GameSetup], *, group_size: int = 1, **env_kwargs: Any) -> list[GameRecord]:
+def play_games(
+    policy: TextPolicy, setups: Sequence[GameSetup], *, group_size: int = 1, **env_kwargs: Any
+) -> list[GameRecord]:
     """Play every game of ``setups`` (``group_size`` times each) to the end with ``policy``.
 
     Args:
@@ -210,7 +212,7 @@ def teacher_conversations(
     size: int = 1000,
     **env_kwargs: Any,
 ) -> list[list[dict[str, str]]]:
-    """SFT conversations: a teacher plays stratified opponents on the train split; wins and draws with format 1 are kept.
+    """SFT conversations: a teacher plays stratified train games; the wins and draws with format 1 are kept.
 
     Args:
         num_games: Games played (fewer are kept).
@@ -322,7 +324,10 @@ def evaluate_player(
 
 def stats_table(results: Mapping[str, GameStats]) -> str:
     """A plain-text table of :func:`evaluate_player` results (rates in %)."""
-    header = f"{'opponent':<10} {'games':>5} {'win %':>6} {'draw %':>6} {'loss %':>6} {'invalid games %':>15} {'invalid/turn %':>14}"
+    header = (
+        f"{'opponent':<10} {'games':>5} {'win %':>6} {'draw %':>6} {'loss %':>6} "
+        f"{'invalid games %':>15} {'invalid/turn %':>14}"
+    )
     rows = [
         f"{name:<10} {s.games:>5} {100 * s.win_rate:>6.1f} {100 * s.draw_rate:>6.1f} {100 * s.loss_rate:>6.1f} "
         f"{100 * s.invalid_game_rate:>15.1f} {100 * s.invalid_move_rate:>14.1f}"
