@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import llm_gym
-from llm_gym.registry import get_task, list_envs
+from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
 from llm_gym.table import format_table, held_out_table
 from llm_gym.task import Task
 
@@ -68,7 +68,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             return 2
         print(format_table(rows, ["reasoning-gym dataset (llm_gym/RG-v0, name=...)", "description"]))
         return 0
-    rows = [(env_id, get_task(env_id).description) for env_id in list_envs()]
+    rows = [(env_id, env_description(env_id)) for env_id in list_envs()]
     print(format_table(rows, ["id", "description"]))
     return 0
 
@@ -89,7 +89,7 @@ def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any, knobs: dict[
 def _default_eval_tasks() -> list[str]:
     """Tasks the oracle can run offline: an oracle, a generator and every optional requirement installed."""
     ids = []
-    for env_id in list_envs():
+    for env_id in list_task_envs():
         task = get_task(env_id)
         if task.solve is not None and task.generate is not None and not task.missing_requirements:
             ids.append(env_id)
@@ -110,6 +110,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
     rows = []
     for env_id in tasks:
+        if env_id in list_envs() and env_id not in list_task_envs():
+            print(f"llm-gym eval: {env_id} is not a single-turn task env; evaluate a multi-turn game with its "
+                  "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)", file=sys.stderr)
+            return 2
         task = get_task(env_id)
         env = _eval_env(task, args, tokenizer, knobs)
         try:

@@ -168,11 +168,13 @@ def default_corpus(
     """Training text for the tokenizer: tasks' prompts and oracle answers.
 
     Each generated task contributes ``problems_per_task`` training problems, rendered as the
-    full conversation (prompt, prefill, oracle completion, end of turn). A fixed coverage line
-    adds digits, operators, tags and letters.
+    full conversation (prompt, prefill, oracle completion, end of turn). A custom env (a
+    multi-turn game) contributes ``problems_per_task`` whole oracle episodes when its class offers
+    ``example_conversations(count, seed)``. A fixed coverage line adds digits, operators, tags and
+    letters.
 
     Args:
-        problems_per_task: Problems drawn from each task's train split.
+        problems_per_task: Problems (or episodes) drawn from each env's train split.
         seed: Seed of the drawn problems.
         env_ids: The tasks; default :data:`DEFAULT_CORPUS_TASKS`. The default is a fixed list, not
             every registered task, so that adding a task leaves the cached tiny model (and the
@@ -180,14 +182,23 @@ def default_corpus(
             ``tiny_model_path(corpus=default_corpus(env_ids=["llm_gym/Zebra-v0"]))``.
 
     Returns:
-        The corpus, one text per problem (plus the coverage line).
+        The corpus, one text per problem or episode (plus the coverage line).
     """
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
     import llm_gym.tasks  # noqa: F401  (registers the built-in tasks)
     from llm_gym.env import build_problems
-    from llm_gym.registry import get_task
+    from llm_gym.registry import get_task, list_task_envs
 
     texts = [_COVERAGE_TEXT]
+    task_envs = set(list_task_envs())
     for env_id in DEFAULT_CORPUS_TASKS if env_ids is None else env_ids:
+        if env_id not in task_envs:  # a custom env (a multi-turn game): whole oracle episodes
+            examples = getattr(load_env_creator(gym.spec(env_id).entry_point), "example_conversations", None)
+            if examples is not None:
+                texts.extend(_chatml(conversation) for conversation in examples(problems_per_task, seed))
+            continue
         task = get_task(env_id)
         if task.generate is None:
             continue
@@ -331,6 +342,7 @@ def tiny_model_path(
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     corpus: Iterable[str] | None = None,
+    env_ids: Iterable[str] | None = None,
 ) -> Path:
     """The folder of a tiny model and its tokenizer, built on first use and cached.
 
@@ -343,14 +355,17 @@ def tiny_model_path(
         preset: A preset name from :data:`PRESETS` or a :class:`TinyConfig`.
         cache_dir: Where cached models live; default ``$LLM_GYM_CACHE`` or ``~/.cache/llm_gym``.
         seed: Seed of the weight initialisation.
-        corpus: Tokenizer training texts; default :func:`default_corpus`.
+        corpus: Tokenizer training texts; default :func:`default_corpus` of ``env_ids``.
+        env_ids: The envs whose text trains the tokenizer when no ``corpus`` is given; default
+            :data:`DEFAULT_CORPUS_TASKS` (e.g. ``["llm_gym/TicTacToe-v0"]`` for a model that plays
+            the game: its conversations are ~40 % shorter with a tokenizer that has seen them).
 
     Returns:
         A folder that ``AutoModelForCausalLM.from_pretrained`` and
         ``AutoTokenizer.from_pretrained`` load.
     """
     cfg = _resolve_config(preset)
-    texts = default_corpus() if corpus is None else list(_strings(corpus))
+    texts = default_corpus(env_ids=env_ids) if corpus is None else list(_strings(corpus))
     name = preset if isinstance(preset, str) else "custom"
     root = _cache_root(cache_dir)
     final = root / f"tiny-{name}-{_fingerprint(cfg, seed, texts)}"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm_gym.cli import main, parse_task_kwargs
-from llm_gym.registry import get_task, list_envs
+from llm_gym.registry import get_task, list_task_envs
 from tests.task_data import data_kwargs
 
 TINY_RUN = """\
@@ -91,7 +91,7 @@ def _eval_rows(out):
     return {line.split("|")[3].strip(): float(line.split("|")[4]) for line in out.splitlines()[2:]}
 
 
-ORACLE_IDS = [env_id for env_id in list_envs() if get_task(env_id).solve is not None]
+ORACLE_IDS = [env_id for env_id in list_task_envs() if get_task(env_id).solve is not None]
 
 
 @pytest.mark.parametrize("env_id", ORACLE_IDS)

@@ -53,9 +53,12 @@ def task_cards() -> str:
     sections = []
     for name in llm_gym.tasks.__all__:
         module = importlib.import_module(f"llm_gym.tasks.{name}")
-        title, _, body = module.__doc__.strip().partition("\n")
+        # A task package (tictactoe/) keeps its card in its env module.
+        card = importlib.import_module(f"{module.__name__}.env") if hasattr(module, "__path__") else module
+        env_id = module.TASK.env_id if hasattr(module, "TASK") else module.ENV_ID
+        title, _, body = card.__doc__.strip().partition("\n")
         body = re.sub(r"^## ", "### ", body.strip(), flags=re.M)
-        sections.append(f"## `{module.TASK.env_id}`\n\n{title}\n\n{body}\n")
+        sections.append(f"## `{env_id}`\n\n{title}\n\n{body}\n")
     return "\n".join(sections)
 
 

@@ -1,4 +1,8 @@
-"""Every registered ``llm_gym/*`` env: check_env, defaults, data kwargs, golden prompts, light import."""
+"""Every registered ``llm_gym/*`` env: check_env, defaults, data kwargs, golden prompts, light import.
+
+Task envs (built from a ``Task``) and custom envs (the multi-turn TicTacToe) all pass ``check_env`` with no
+warning; the problem-set tests apply to task envs.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,38 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import llm_gym
-from llm_gym.registry import get_task, list_envs
+from llm_gym.registry import env_description, get_task, list_envs, list_task_envs, register_env
 from tests.task_data import data_kwargs
 
 ENV_IDS = list_envs()
-GENERATED_IDS = [env_id for env_id in ENV_IDS if get_task(env_id).generate is not None]  # the rest read data
+TASK_ENV_IDS = list_task_envs()
+GENERATED_IDS = [env_id for env_id in TASK_ENV_IDS if get_task(env_id).generate is not None]  # the rest read data
 
 
 def test_builtin_tasks_are_registered():
     assert {"llm_gym/Countdown-v0", "llm_gym/Subtraction-v0"} <= set(ENV_IDS)
     assert all(env_id.startswith("llm_gym/") for env_id in ENV_IDS)
     assert get_task("Countdown-v0") is get_task("llm_gym/Countdown-v0")
+
+
+def test_custom_envs_are_registered_beside_the_tasks():
+    assert "llm_gym/TicTacToe-v0" in ENV_IDS and "llm_gym/TicTacToe-v0" not in TASK_ENV_IDS
+    assert set(TASK_ENV_IDS) == set(ENV_IDS) - {"llm_gym/TicTacToe-v0"}
+    assert env_description("TicTacToe-v0") == "Play Tic-Tac-Toe over several turns against a seeded minimax opponent."
+    assert env_description("llm_gym/Countdown-v0") == get_task("Countdown-v0").description
+    assert gym.spec("llm_gym/TicTacToe-v0").to_json().startswith('{"id": "llm_gym/TicTacToe-v0"')
+    with pytest.raises(gym.error.Error, match=r"^llm_gym/TicTacToe-v0 is not an llm_gym task environment$"):
+        get_task("TicTacToe-v0")
+
+
+def test_register_env_rejects_bad_registrations():
+    with pytest.raises(ValueError, match=r"env id 'Game-v0' must start with 'llm_gym/'"):
+        register_env("Game-v0", "llm_gym.tasks.tictactoe.env:TicTacToeEnv")
+    with pytest.raises(ValueError, match=r"entry_point must be a 'module:Class' string, got 'TicTacToeEnv'"):
+        register_env("llm_gym/Game-v0", "TicTacToeEnv")
+    with pytest.raises(TypeError, match=r"llm_gym/Game-v0: registration kwargs must be JSON values"):
+        register_env("llm_gym/Game-v0", "llm_gym.tasks.tictactoe.env:TicTacToeEnv", kwargs={"rng": object()})
+    assert "llm_gym/Game-v0" not in gym.registry
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
@@ -145,7 +170,7 @@ def test_reasoning_gym_is_exported_lazily():
         llm_gym.Nope  # noqa: B018
 
 
-@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("env_id", TASK_ENV_IDS)
 def test_spec_serialises_with_a_string_task_reference(env_id):
     spec = gym.spec(env_id)
     assert isinstance(spec.kwargs["task"], str) and ":" in spec.kwargs["task"]

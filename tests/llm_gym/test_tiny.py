@@ -163,9 +163,9 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 def test_default_corpus_covers_the_default_tasks_only():
     corpus = tiny.default_corpus(problems_per_task=2)
-    from llm_gym.registry import get_task, list_envs
+    from llm_gym.registry import get_task, list_task_envs
 
-    generated = [env_id for env_id in list_envs() if get_task(env_id).generate is not None]
+    generated = [env_id for env_id in list_task_envs() if get_task(env_id).generate is not None]
     # A fixed list, not every registered task: a new task must not change the cached tiny model.
     assert tiny.DEFAULT_CORPUS_TASKS == ("llm_gym/Countdown-v0", "llm_gym/Subtraction-v0")
     assert "llm_gym/Zebra-v0" in generated
@@ -178,3 +178,10 @@ def test_default_corpus_covers_the_default_tasks_only():
     for text in countdown:  # prompt, prefill and oracle completion, closed like a finished turn
         assert "Let me solve this step by step.\n<think> " in text
         assert text.endswith("</answer><|im_end|>\n")
+    assert not any("You are playing Tic-Tac-Toe." in text for text in corpus)
+    # A custom env (a multi-turn game) asked for by id contributes whole oracle games.
+    games = tiny.default_corpus(problems_per_task=2, env_ids=["llm_gym/TicTacToe-v0"])[1:]
+    assert len(games) == 2 and all("You are playing Tic-Tac-Toe." in text for text in games)
+    for text in games:  # whole oracle games: the rules, moves in the answer format, the final result
+        assert text.count("<|im_start|>assistant\n<think>") >= 3 and "</think><move>" in text
+        assert text.endswith("<|im_end|>\n") and ("You win!" in text or "draw." in text)
