@@ -14,15 +14,23 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "mutation_genes", "run_training"]
+from llm_gym.algorithms.run.resume import CONFIG_FILE, ResumePoint, find_resume_point, merge_resumed_config
+from llm_gym.usage import UsageError, check_field_types, check_model_source
+
+__all__ = ["DEMO_TASK_KWARGS", "TrainConfig", "load_config", "mutation_genes", "run_training"]
 
 logger = logging.getLogger(__name__)
 
 _SFT_WARMUP_STEPS = 20
+
+DEMO_TASK_KWARGS: dict[str, dict[str, Any]] = {
+    "llm_gym/Countdown-v0": {"min_numbers": 3, "max_numbers": 3, "max_number": 9, "max_target": 30},
+}
+"""The knobs a task gets when ``task_kwargs`` is not set; a task not listed gets its own defaults."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,9 @@ class TrainConfig:
 
     task: str = "llm_gym/Countdown-v0"
     """Registered environment id."""
-    task_kwargs: dict[str, Any] = field(default_factory=lambda: {"min_numbers": 3, "max_numbers": 3, "max_number": 9,
-                                                                  "max_target": 30})
-    """Difficulty knobs of the task (its config fields)."""
+    task_kwargs: dict[str, Any] | None = None
+    """Difficulty knobs of the task (its config fields); ``None``: the task's demo knobs
+    (:data:`DEMO_TASK_KWARGS`, small Countdown problems the tiny model can learn), else none."""
     model: str | None = None
     """A local path or hub id of a causal LM; ``None`` builds the embedded tiny model."""
     tiny_preset: str = "tiny"
@@ -77,7 +85,8 @@ class TrainConfig:
     output_dir: str | None = None
     """Run folder (default ``runs/<time>``): metrics, elites, checkpoints, plots."""
     resume: str | None = None
-    """A checkpoint folder of an earlier run to continue."""
+    """A run folder (or its ``checkpoints/``) of an earlier run to continue; :func:`load_config`
+    restores that run's settings, of which only ``max_steps`` and ``threads`` may change."""
     seed: int = 0
     """Seed of problems, initialisation and evolution."""
     threads: int | None = 1
@@ -88,46 +97,118 @@ class TrainConfig:
     model folder, task, knobs, SFT steps, examples, lr, batch size, seed); reuse is logged."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.task_kwargs is None:
+            object.__setattr__(self, "task_kwargs", dict(DEMO_TASK_KWARGS.get(self.task, {})))
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"TrainConfig.threads={self.threads} must be >= 1 (or null for torch's default)")
         for name in ("population", "train_size", "test_size", "prompts_per_step", "max_output_tokens", "max_steps",
                      "evo_steps", "evaluation_interval", "lora_r"):  # fmt: skip
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+                raise UsageError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.group_size < 2:
-            raise ValueError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
+            raise UsageError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
         if self.sft_steps < 0:
-            raise ValueError(f"TrainConfig.sft_steps={self.sft_steps} must be >= 0 (0 skips the warm-up)")
+            raise UsageError(f"TrainConfig.sft_steps={self.sft_steps} must be >= 0 (0 skips the warm-up)")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A :class:`TrainConfig` from an optional YAML file, then keyword overrides.
+    """A :class:`TrainConfig` from an optional YAML file, then keyword overrides (``None`` ones are ignored).
+
+    With ``resume`` the run's own ``config.json`` is the base: the file's and the overrides' values
+    must equal the run's, except ``max_steps`` and ``threads``
+    (:data:`~llm_gym.algorithms.run.resume.RESUMABLE`).
 
     Raises:
-        ValueError: naming an unknown key and the valid ones.
+        UsageError: naming an unknown key and the valid ones, a file that cannot be read or parsed,
+            a value of the wrong type, or a resume that would change the run's settings.
     """
     values: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a train config is a mapping of field: value, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(_read_yaml(Path(path)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"unknown train config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+        raise UsageError(f"unknown train config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    if values.get("resume"):
+        values = merge_resumed_config(find_resume_point(values["resume"]), values, valid)
     return TrainConfig(**values)
 
 
-def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
-    """The warm-started model folder and its tokenizer."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; every way it can be wrong is one :class:`UsageError`."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read it ({err.strerror or err}); give a YAML file of TrainConfig "
+                         "fields") from None  # fmt: skip
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"--config {path} is not valid YAML{where}: {problem}; write one 'field: value' per line") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: a train config is a mapping of field: value, got {type(loaded).__name__}")
+    return loaded
+
+
+def _check_run(config: TrainConfig) -> ResumePoint | None:
+    """Validate what the config names (task, knobs, model, resume point) before any work or write.
+
+    Returns:
+        The resume point when ``config.resume`` is set.
+
+    Raises:
+        UsageError: naming the bad value and the fix.
+    """
+    import gymnasium as gym
+
+    from llm_gym.registry import get_task
+
+    try:
+        task = get_task(config.task)
+    except gym.error.Error as err:
+        raise UsageError(f"task {config.task!r}: {err}") from None
+    try:
+        task.make_config(**config.task_kwargs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"task_kwargs: {err}") from None
+    if task.solve is None and config.sft_steps > 0:
+        raise UsageError(f"{config.task} has no oracle solver to write the SFT warm-up's examples: set sft_steps: 0")
+    if config.model is not None:
+        check_model_source(config.model, "model")
+    if not config.resume:
+        return None
+    point = find_resume_point(config.resume)
+    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "output_dir", "max_steps",
+                                                                              "threads")}  # fmt: skip
+    merge_resumed_config(point, mine, mine)  # raises on a setting that differs from the run's
+    if point.agents != config.population:
+        raise UsageError(f"the checkpoint {point.checkpoint} holds {point.agents} agents but population="
+                         f"{config.population}: resume with load_config(resume=...) to restore the run's settings")  # fmt: skip
+    if point.step > config.max_steps:
+        raise UsageError(f"max_steps={config.max_steps} is below the checkpoint's step {point.step}: "
+                         f"give max_steps >= {point.step}")  # fmt: skip
+    if config.sft_steps > 0 and (not point.base_model or not Path(point.base_model).is_dir()):
+        raise UsageError(f"the run's SFT model {point.base_model} is gone, and a resume never repeats the warm-up: "
+                         "restore that folder or start a new run")  # fmt: skip
+    return point
+
+
+def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = None) -> tuple[str, Any]:
+    """The warm-started model folder and its tokenizer (a resume reuses the model its checkpoint sits on)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gym.algorithms.sft import SFTConfig, length_report, oracle_examples, train_sft
     from llm_gym.registry import get_task
     from llm_gym.tiny import tiny_model_path
 
+    if point is not None and config.sft_steps > 0:
+        logger.info("resume: the SFT model is the run's own %s (the warm-up is not repeated)", point.base_model)
+        return str(point.base_model), AutoTokenizer.from_pretrained(point.base_model)
     source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if config.sft_steps == 0:
@@ -146,7 +227,7 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
                     warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
     result = train_sft(model, tokenizer, examples, sft)
     logger.info("SFT: %d steps in %.1fs, final loss %.3f", result.steps, result.seconds, result.losses[-1])
-    out = run_dir / "sft_model"
+    out = (run_dir / "sft_model").resolve()  # absolute: adapters record it as their base model
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if cache is not None:
@@ -171,14 +252,17 @@ def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     return root / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _resumed_run_dir(resume: str | None) -> Path | None:
-    """The run folder of a checkpoint (``<run>/checkpoints[/latest]``): a resumed run keeps writing there."""
-    if not resume:
+def _finished_summary(run_dir: Path, point: ResumePoint | None, config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a resumed run that has nothing left to do (it stopped, or its checkpoint is at ``max_steps``).
+
+    A finished run's ``summary.json`` is returned as it is (not overwritten); a run killed after its
+    last checkpoint but before the summary returns None and is summed up from the checkpoint.
+    """
+    summary_file = run_dir / "summary.json"
+    if point is None or not (point.finished or point.step >= config.max_steps) or not summary_file.is_file():
         return None
-    for folder in (Path(resume), *Path(resume).resolve().parents):
-        if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
-            return folder
-    return None
+    logger.info("resume: %s already finished at step %d; its summary stands", run_dir, point.step)
+    return json.loads(summary_file.read_text())
 
 
 def mutation_genes(beta: float) -> Any:
@@ -215,14 +299,19 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.reasoning_gym import ReasoningGym
 
     start = time.perf_counter()
+    point = _check_run(config)  # before any work or write: a bad input leaves nothing behind
+    run_dir = point.run_dir if point is not None else Path(config.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    finished = _finished_summary(run_dir, point, config)
+    if finished is not None:
+        return finished
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    run_dir = Path(config.output_dir or _resumed_run_dir(config.resume) or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
+    (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
 
-    model_path, tokenizer = _sft_model(config, run_dir)
+    model_path, tokenizer = _sft_model(config, run_dir, point)
     env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                  seed=config.seed, data_batch_size_per_gpu=config.prompts_per_step,
                                  **config.task_kwargs)  # fmt: skip
@@ -248,8 +337,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         tournament=TournamentSelection(2, True, config.population, rand_seed=config.seed) if evolve else None,
         mutation=Mutations(no_mutation=0.2, rl_hp=0.8, mutation_sd=0.1, rand_seed=config.seed,
                            hp_config=mutation_genes(config.beta)) if evolve else None,
-        evaluation_interval=config.evaluation_interval, max_steps=config.max_steps,
-        elite_path=str(run_dir / "elites"), checkpoint_path=str(run_dir / "checkpoints"), resume_from=config.resume,
+        evaluation_interval=config.evaluation_interval, max_steps=point.step if point and point.finished else config.max_steps,
+        elite_path=str(run_dir / "elites"), checkpoint_path=str(run_dir / "checkpoints"),
+        resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=env.rubric.max_total,
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))

@@ -10,17 +10,18 @@ CLI is the one module of the core that wires in the trainers, and it imports the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import llm_gym
 from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
 from llm_gym.table import format_table, held_out_table
 from llm_gym.task import Task
+from llm_gym.usage import UsageError, check_model_source
 
 __all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
 
@@ -34,7 +35,7 @@ def parse_task_kwargs(items: Sequence[str] | None) -> dict[str, Any] | None:
     {'name': 'leg_counting', 'max_animals': 3}
 
     Raises:
-        ValueError: naming the item that is neither ``KEY=VALUE`` nor a JSON object.
+        UsageError: naming the item that is neither ``KEY=VALUE`` nor a JSON object.
     """
     if items is None:
         return None
@@ -42,14 +43,14 @@ def parse_task_kwargs(items: Sequence[str] | None) -> dict[str, Any] | None:
         try:
             value = json.loads(items[0])
         except json.JSONDecodeError as err:
-            raise ValueError(f"--task-kwargs: {items[0]!r} is not a JSON object ({err})") from None
+            raise UsageError(f"--task-kwargs: {items[0]!r} is not a JSON object ({err})") from None
         if isinstance(value, dict):
             return value
     kwargs: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--task-kwargs takes KEY=VALUE pairs or one JSON object, got {item!r}")
+            raise UsageError(f"--task-kwargs takes KEY=VALUE pairs or one JSON object, got {item!r}")
         try:
             kwargs[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -96,58 +97,76 @@ def _default_eval_tasks() -> list[str]:
     return ids
 
 
+def _eval_tasks(args: argparse.Namespace, knobs: dict[str, Any]) -> list[Task]:
+    """The tasks to evaluate, each checked (registered, single-turn, knobs valid) before any model loads."""
+    import gymnasium as gym
+
+    tasks = []
+    for env_id in args.task or _default_eval_tasks():
+        if env_id in list_envs() and env_id not in list_task_envs():
+            raise UsageError(f"{env_id} is not a single-turn task env; evaluate a multi-turn game with its "
+                             "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")  # fmt: skip
+        try:
+            task = get_task(env_id)
+        except gym.error.Error as err:
+            raise UsageError(f"--task {env_id}: {err}") from None
+        try:
+            task.make_config(**knobs)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--task-kwargs: {err}") from None
+        if args.model is None and task.solve is None:
+            raise UsageError(f"{task.env_id} has no oracle solver: pass --model")
+        tasks.append(task)
+    return tasks
+
+
+def _load_model(name: str, max_new_tokens: int) -> tuple[Any, Any]:
+    """``(policy, tokenizer)`` of ``--model``; a model that cannot be loaded is a :class:`UsageError`."""
+    from llm_gym.algorithms.rollout.policies import ModelPolicy
+
+    check_model_source(name)
+    try:
+        return ModelPolicy.from_pretrained(name, max_new_tokens)
+    except OSError as err:  # transformers: no such hub repo, no network, missing weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {name}: cannot load it ({first}); give a local model folder or a hub id") from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.rollout.policies import ModelPolicy, OraclePolicy
+    from llm_gym.algorithms.rollout.policies import OraclePolicy
     from llm_gym.algorithms.rollout.rollout import evaluate
 
-    tasks = args.task or _default_eval_tasks()
-    try:
-        knobs = parse_task_kwargs(args.task_kwargs) or {}
-    except ValueError as err:
-        print(f"llm-gym eval: {err}", file=sys.stderr)
-        return 2
+    for flag, value in (("-n/--num-problems", args.num_problems), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be >= 1")
+    knobs = parse_task_kwargs(args.task_kwargs) or {}
+    tasks = _eval_tasks(args, knobs)
     policy_name = args.model or "oracle"
-    model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
+    model_policy, tokenizer = _load_model(args.model, args.max_new_tokens) if args.model else (None, None)
     rows = []
-    for env_id in tasks:
-        if env_id in list_envs() and env_id not in list_task_envs():
-            print(f"llm-gym eval: {env_id} is not a single-turn task env; evaluate a multi-turn game with its "
-                  "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)", file=sys.stderr)
-            return 2
-        task = get_task(env_id)
+    for task in tasks:
         env = _eval_env(task, args, tokenizer, knobs)
-        try:
-            policy = model_policy if model_policy is not None else OraclePolicy(task, env)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
+        policy = model_policy if model_policy is not None else OraclePolicy(task, env)
         metrics = evaluate(policy, env)
         parts = {k.removeprefix("reward/"): v for k, v in metrics.items()
                  if k.startswith("reward/") and k not in ("reward/total", "reward/failures")}  # fmt: skip
         for name, value in parts.items():
-            rows.append((env_id, policy_name, args.split, name, value))
-        rows.append((env_id, policy_name, args.split, "total", metrics["reward/total"]))
-        rows.append((env_id, policy_name, args.split, "exact accuracy", metrics["accuracy"]))
-        logger.info("%s: %s", env_id, metrics)
+            rows.append((task.env_id, policy_name, args.split, name, value))
+        rows.append((task.env_id, policy_name, args.split, "total", metrics["reward/total"]))
+        rows.append((task.env_id, policy_name, args.split, "exact accuracy", metrics["accuracy"]))
+        logger.info("%s: %s", task.env_id, metrics)
     print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.recipe import TrainConfig, load_config, run_training
+    from llm_gym.algorithms.recipe import load_config, run_training
 
-    try:
-        task_kwargs = parse_task_kwargs(args.task_kwargs)
-        config = load_config(
-            args.config, task=args.task, task_kwargs=task_kwargs, model=args.model, population=args.population,
-            max_steps=args.max_steps, sft_steps=args.sft_steps, output_dir=args.output_dir, resume=args.resume,
-            seed=args.seed, threads=args.threads,
-        )
-    except (ValueError, OSError) as err:
-        print(f"llm-gym train: {err}", file=sys.stderr)
-        return 2
-    default = TrainConfig()
-    if args.task and task_kwargs is None and config.task != default.task and config.task_kwargs == default.task_kwargs:
-        config = dataclasses.replace(config, task_kwargs={})  # another task does not inherit Countdown's knobs
+    config = load_config(
+        args.config, task=args.task, task_kwargs=parse_task_kwargs(args.task_kwargs), model=args.model,
+        population=args.population, max_steps=args.max_steps, sft_steps=args.sft_steps, output_dir=args.output_dir,
+        resume=args.resume, seed=args.seed, threads=args.threads,
+    )  # fmt: skip
     if not args.verbose:  # per-step metrics and evaluations of the run, without the libraries' debug noise
         logging.getLogger("llm_gym").setLevel(logging.INFO)
     summary = run_training(config)
@@ -158,11 +177,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``llm-gym eval: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``llm-gym``."""
-    parser = argparse.ArgumentParser(prog="llm-gym", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="llm-gym", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"llm-gym {llm_gym.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a bad-input error too (or set LLM_GYM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command")
 
     p_list = sub.add_parser("list", help="list the registered environment ids")
@@ -171,31 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
     task_kwargs_help = ("task knobs: KEY=VALUE pairs (values read as JSON) or one JSON object, "
                         "e.g. --task-kwargs name=leg_counting max_animals=3")  # fmt: skip
 
-    p_eval = sub.add_parser("eval", help="evaluate a policy (the oracle, or a model) and print per-part rewards")
+    eval_help = "evaluate a policy (the oracle, or a model) and print per-part rewards"
+    p_eval = sub.add_parser("eval", help=eval_help, description=eval_help[0].upper() + eval_help[1:] + ".")
     p_eval.add_argument("--task", action="append",
                         help="environment id (repeatable); default: every generated task with an oracle")
     p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
-    p_eval.add_argument("--model", help="local path or hub id of a causal LM; default: the task's oracle solver")
+    p_eval.add_argument("--model", help="local path or hub id of a causal LM, or an elite / checkpoint agent folder "
+                        "of a run (runs/<time>/elites/<elite>); default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
-    p_eval.add_argument("--split", default="test", choices=("train", "test"))
-    p_eval.add_argument("-n", "--num-problems", type=int, default=100)
-    p_eval.add_argument("--seed", type=int, default=0)
-    p_eval.add_argument("--max-new-tokens", type=int, default=128)
+    p_eval.add_argument("--split", default="test", choices=("train", "test"),
+                        help="which split to evaluate on (default: test, the held-out problems)")
+    p_eval.add_argument("-n", "--num-problems", type=int, default=100,
+                        help="evaluate the first N problems of the split (default: 100)")
+    p_eval.add_argument("--seed", type=int, default=0, help="seed of the generated problems (default: 0)")
+    p_eval.add_argument("--max-new-tokens", type=int, default=128,
+                        help="generation budget per completion of --model (default: 128)")
     p_eval.set_defaults(func=_cmd_eval)
 
-    p_train = sub.add_parser(
-        "train", help="train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"
-    )
+    train_help = "train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"
+    p_train = sub.add_parser("train", help=train_help, description=train_help[0].upper() + train_help[1:] + ".")
     p_train.add_argument("--config", help="YAML file of TrainConfig fields (llm_gym.algorithms.recipe)")
     p_train.add_argument("--task", help="environment id, e.g. llm_gym/Countdown-v0")
     p_train.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE",
-                         help=task_kwargs_help + "; a --task other than Countdown without them gets no knobs")
+                         help=task_kwargs_help + "; default: the task's demo knobs (Countdown's small problems), "
+                         "else its own defaults")
     p_train.add_argument("--model", help="local path or hub id of a causal LM (default: the embedded tiny model)")
     p_train.add_argument("--population", type=int, help="agents in the population")
     p_train.add_argument("--max-steps", type=int, help="training steps")
     p_train.add_argument("--sft-steps", type=int, help="SFT warm-up steps (0 skips it)")
     p_train.add_argument("--output-dir", help="run folder (default runs/<time>)")
-    p_train.add_argument("--resume", help="checkpoint folder of an earlier run to continue")
+    p_train.add_argument("--resume", metavar="RUN_DIR",
+                         help="continue an earlier run (its folder or its checkpoints/) with its own settings; "
+                         "only --max-steps and --threads may change")
     p_train.add_argument("--seed", type=int)
     p_train.add_argument("--threads", type=int, help="torch threads")
     p_train.set_defaults(func=_cmd_train)
@@ -210,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        if args.debug or os.environ.get("LLM_GYM_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"llm-gym {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from llm_gym.rubric import Rubric
 from llm_gym.spaces import messages_space, text_space
 from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate
+from llm_gym.usage import UsageError
 
 __all__ = ["ReasoningEnv", "build_problems"]
 
@@ -26,7 +27,7 @@ def build_problems(
     task: Task,
     *,
     dataset: Any = None,
-    split: str = "train",
+    split: str | None = None,
     size: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
@@ -43,7 +44,8 @@ def build_problems(
             Countdown hub dataset, which has only ``train``) is split by a hash of each problem:
             ``test_fraction`` of the problems are the test split, the rest the train split, so
             train and test never share a problem.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"`` or ``"test"``; ``None`` (the default): every row of data without a test
+            split (the data a caller hands over is what the env runs on), else ``"train"``.
         size: Number of problems; default 1000 generated, or every row of the data.
         seed: Seed of the generated problems.
         test_fraction: Share of the problem space held out as the test split.
@@ -51,40 +53,59 @@ def build_problems(
 
     Returns:
         The problem set.
+
+    Raises:
+        UsageError: if the data lacks the split, or the hash split of data without a test split
+            comes out empty (naming how many distinct problems the data holds).
     """
     if dataset is None and task.generate is None and task.hf_dataset is not None:
         dataset = task.hf_dataset  # a data-only task reads its public dataset
     if dataset is None:
         config = task.make_config(**knobs)
         return ProblemSet.generated(
-            task, config, split=split, size=1000 if size is None else size, seed=seed, test_fraction=test_fraction
+            task, config, split=split or "train", size=1000 if size is None else size, seed=seed,
+            test_fraction=test_fraction,
         )
     task.make_config(**knobs)  # still reject unknown knobs
     if isinstance(dataset, (str, Path)):
         config_name = task.hf_config if str(dataset) == task.hf_dataset else None
         dataset = load_hf_dataset(dataset, split=None, config_name=config_name)
-    return ProblemSet.from_dataset(task, _take_split(task, dataset, split, test_fraction), split=split, size=size)
+    rows = _take_split(task, dataset, split, test_fraction)
+    return ProblemSet.from_dataset(task, rows, split=split or "train", size=size)
 
 
-def _take_split(task: Task, data: Any, split: str, test_fraction: float) -> Any:
-    """One split of ``data``: its own ``test``/``train`` when it has a test split, else a hash split."""
+def _take_split(task: Task, data: Any, split: str | None, test_fraction: float) -> Any:
+    """One split of ``data``: its own ``test``/``train`` when it has a test split, else a hash split (``None``: all)."""
     if isinstance(data, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
         if "test" in data:
+            split = split or "train"
             if split not in data:
-                raise ValueError(f"the dataset has no split {split!r}; splits: {sorted(data.keys())}")
+                raise UsageError(f"the dataset has no split {split!r}; splits: {sorted(data.keys())}")
             return data[split]
         if "train" not in data:
-            raise ValueError(f"the dataset needs a 'train' split (and optionally 'test'); splits: {sorted(data.keys())}")
+            raise UsageError(f"the dataset needs a 'train' split (and optionally 'test'); splits: {sorted(data.keys())}")
         data = data["train"]
+    if split is None:
+        return data  # the caller's rows, all of them
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
     columns = getattr(data, "column_names", None) or []
-    if columns and not set(task.columns) <= set(columns):
-        return data  # ProblemSet.from_dataset reports the missing column
+    if not len(data) or columns and not set(task.columns) <= set(columns):
+        return data  # ProblemSet.from_dataset reports the empty data or the missing column
     logger.info("data has no test split: holding out %.0f%% of its problems by hash as the test split", 100 * test_fraction)
     if hasattr(data, "filter"):
-        return data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
-    return [row for row in data if split_of(problem_key(row, task.columns), test_fraction) == split]
+        kept = data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
+    else:
+        kept = [row for row in data if split_of(problem_key(row, task.columns), test_fraction) == split]
+    if len(kept) == 0:
+        distinct = len({problem_key(row, task.columns) for row in data})
+        raise UsageError(
+            f"the {split!r} split of the data is empty: the data has no test split, so its problems are split by hash "
+            f"({100 * test_fraction:.0f}% test), and none of its {distinct} distinct problems ({len(data)} rows) "
+            f"falls in {split!r}; give a DatasetDict with a 'test' split, more distinct problems, or "
+            f"{'the other split' if split == 'test' else 'split=None for all rows'}"
+        )
+    return kept
 
 
 class ReasoningEnv(gym.Env):
@@ -112,7 +133,8 @@ class ReasoningEnv(gym.Env):
 
     ## Arguments
     ``task`` (set by registration: a :class:`Task` or its ``"<module>:<name>"`` reference), ``dataset``, ``split``, ``size``, ``seed`` and the task's knobs
-    (see :func:`build_problems`); ``tokenizer``; ``template`` and ``rubric`` (a :class:`Rubric` or
+    (see :func:`build_problems`: data handed over without a test split and without ``split``
+    gives an env over all its rows); ``tokenizer``; ``template`` and ``rubric`` (a :class:`Rubric` or
     one reward callable) to override the task's; ``max_prompt_chars`` and ``max_completion_chars``
     size the spaces; ``render_mode`` ``"ansi"`` renders the conversation as text.
 
@@ -127,7 +149,7 @@ class ReasoningEnv(gym.Env):
         task: Task | str,
         *,
         dataset: Any = None,
-        split: str = "train",
+        split: str | None = None,
         size: int | None = None,
         seed: int = 0,
         tokenizer: Any = None,

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llm_gym.usage import MissingColumnError, UsageError, looks_like_path
+
 if TYPE_CHECKING:
     from llm_gym.task import Task
 
@@ -65,18 +67,31 @@ def load_hf_dataset(name_or_path: str | Path, split: str | None = "train", confi
         A ``datasets.Dataset`` (or ``DatasetDict`` when ``split`` is ``None``).
 
     Raises:
-        ValueError: if the split is missing, naming the available splits.
+        UsageError: if the path does not exist, holds no data, cannot be loaded, or lacks the split.
     """
     import datasets
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and looks_like_path(str(name_or_path)):
+        raise UsageError(f"dataset {name_or_path}: no such folder; give a folder of parquet/json/csv files, a folder "
+                         "written by Dataset.save_to_disk, or a hub id")  # fmt: skip
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise UsageError(f"dataset {name_or_path} is an empty folder: put parquet/json/csv files in it, or "
+                         "Dataset.save_to_disk into it")  # fmt: skip
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets fails this way on a saved dataset of 0 rows (0 shards)
+            raise UsageError(f"dataset {name_or_path} has no rows: give at least one problem") from None
     else:
-        loaded = datasets.load_dataset(str(name_or_path), config_name)
+        try:
+            loaded = datasets.load_dataset(str(name_or_path), config_name)
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"dataset {name_or_path}: cannot load it ({first})") from None
     if split is not None and isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"dataset {name_or_path} has no split {split!r}; splits: {sorted(loaded)}")
+            raise UsageError(f"dataset {name_or_path} has no split {split!r}; splits: {sorted(loaded)}")
         return loaded[split]
     return loaded
 
@@ -129,22 +144,23 @@ class ProblemSet(Sequence):
         ``size`` keeps the first ``size`` rows (all rows when ``None``).
 
         Raises:
-            KeyError: if a column of the task is missing, naming the dataset's columns.
-            ValueError: if the dataset is empty.
+            MissingColumnError: if a column of the task is missing, naming the dataset's columns (a
+                ``KeyError`` too).
+            UsageError: if the dataset is empty.
         """
         if isinstance(dataset, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
             if split not in dataset:
-                raise ValueError(f"dataset has no split {split!r}; splits: {sorted(dataset.keys())}")
+                raise UsageError(f"dataset has no split {split!r}; splits: {sorted(dataset.keys())}")
             dataset = dataset[split]
-        columns = list(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
+        if len(dataset) == 0:
+            raise UsageError(f"the dataset given to {task.env_id} has no rows: give at least one problem")
+        columns = list(getattr(dataset, "column_names", None) or dataset[0].keys())
         missing = [c for c in task.columns if c not in columns]
         if missing:
-            raise KeyError(
+            raise MissingColumnError(
                 f"{task.env_id} needs column {missing[0]!r}; the dataset has columns {sorted(columns)}. "
                 f"Rename columns to the task's schema {list(task.columns)} (Dataset.rename_column)"
             )
-        if len(dataset) == 0:
-            raise ValueError(f"the dataset given to {task.env_id} is empty")
         problems = cls(task, len(dataset) if size is None else min(size, len(dataset)), split)
         problems._rows = dataset
         return problems

@@ -57,6 +57,7 @@ def write_agent_files(agent: Any, directory: str | Path) -> None:
         "hyperparameters": dataclasses.asdict(agent.hps),
         "max_model_len": agent.max_model_len,
         "fitness": agent.fitness,
+        "last_eval": dict(getattr(agent, "last_eval", {})),
         "steps": agent.steps,
         "skipped_updates": agent.skipped_updates,
         "lineage": agent.lineage,
@@ -105,6 +106,7 @@ def read_agent_files(agent: Any, path: str | Path) -> None:
     # The agent keeps its own fixed settings (its generation engine is built around them).
     agent.hps = agent.hps.replace(**{k: v for k, v in meta["hyperparameters"].items() if k not in FIXED_SETTINGS})
     agent.fitness = [float(f) for f in meta.get("fitness", [])]
+    agent.last_eval = {k: float(v) for k, v in meta.get("last_eval", {}).items()}  # a resumed run reports it
     agent.steps = int(meta.get("steps", 0))
     agent.skipped_updates = int(meta.get("skipped_updates", 0))
     agent.lineage = list(meta.get("lineage", []))

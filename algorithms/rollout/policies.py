@@ -64,15 +64,26 @@ class ModelPolicy:
     def from_pretrained(cls, model_id: str, max_new_tokens: int) -> tuple[ModelPolicy, Any]:
         """Load a model and its tokenizer (``pad_token`` set to EOS when it has none).
 
+        A folder holding a PEFT adapter (an elite of a run, or ``checkpoints/latest/agent_N``) is
+        loaded on its base model (:func:`~llm_gym.algorithms.run.elites.load_elite`) and merged.
+
         Args:
-            model_id: A local path or hub id.
+            model_id: A local path or hub id, or an adapter folder.
             max_new_tokens: Generation budget per completion.
 
         Returns:
             ``(policy, tokenizer)``.
         """
+        from pathlib import Path
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if (Path(model_id) / "adapter_config.json").is_file():
+            from llm_gym.algorithms.run.elites import load_elite
+
+            peft_model, tokenizer = load_elite(model_id)
+            model = peft_model.merge_and_unload()  # plain weights: generation needs no adapter
+            return cls(model, tokenizer.pad_token_id, max_new_tokens), tokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

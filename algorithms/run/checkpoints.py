@@ -5,7 +5,7 @@ A run killed at any moment, even mid-write, leaves the previous complete checkpo
 
     <checkpoint_path>/latest/
         state.json          step, data position, selection/mutation RNGs, global RNGs, fitness log
-        agent_0/ ...        each agent's PEFT adapter, hyper-parameters, optimizer state
+        agent_0/ ...        each agent's PEFT adapter, tokenizer, hyper-parameters, optimizer state
 
 Agents are duck-typed: anything with ``write_checkpoint(dir)``, ``load_checkpoint(dir)`` and ``index``.
 """
@@ -23,7 +23,9 @@ import numpy as np
 
 from llm_gym.algorithms.plumbing.atomic import atomic_directory, recover_directory
 
-__all__ = ["STATE_FILE", "capture_rng_state", "load_population", "restore_rng_state", "save_population"]
+__all__ = [
+    "STATE_FILE", "capture_rng_state", "load_population", "restore_rng_state", "save_population", "write_with_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +64,28 @@ def save_population(
     with atomic_directory(path) as tmp:
         for i, agent in enumerate(population):
             (tmp / f"agent_{i}").mkdir()
-            agent.write_checkpoint(tmp / f"agent_{i}")
+            write_with_tokenizer(agent, env, tmp / f"agent_{i}")
         (tmp / STATE_FILE).write_text(json.dumps(state))
     logger.info("saved population checkpoint %s (step %d)", path, step)
     return path
+
+
+def write_with_tokenizer(agent: Any, env: Any, directory: Path) -> None:
+    """``agent.write_checkpoint(directory)``, plus the env's tokenizer when it has one.
+
+    With the tokenizer beside the adapter, the folder loads on its own
+    (``AutoPeftModelForCausalLM.from_pretrained(folder)`` + ``AutoTokenizer.from_pretrained(folder)``,
+    or ``llm-gym eval --model folder``).
+
+    Args:
+        agent: Anything with ``write_checkpoint(dir)``.
+        env: The environment (its ``tokenizer`` attribute is saved when present), or None.
+        directory: An existing folder.
+    """
+    agent.write_checkpoint(directory)
+    tokenizer = getattr(env, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
 
 
 def load_population(path: str | Path, population: Sequence[Any], *, env: Any = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from llm_gym.algorithms.grpo.checkpoint import ADAPTER_CONFIG, AGENT_FILE
 from llm_gym.algorithms.plumbing.atomic import atomic_directory, atomic_write_text, recover_children
+from llm_gym.usage import UsageError, looks_like_path
 
 __all__ = ["ELITE_META", "INDEX_NAME", "EliteStore", "elite_metadata", "load_elite", "resolve_elite"]
 
@@ -270,11 +271,13 @@ def load_elite(
 
     Returns:
         ``(model, tokenizer)``: a ``peft.PeftModel`` in eval mode with the elite's adapter active,
-        and the base model's tokenizer (its ``pad_token`` set to EOS when it had none).
+        and the tokenizer saved with the elite, else the base model's (its ``pad_token`` set to EOS
+        when it had none).
 
     Raises:
         FileNotFoundError: If ``path`` holds no elite.
         ValueError: If the base model is not recorded and not given.
+        UsageError: If the recorded base model is a local folder that no longer exists.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -282,10 +285,14 @@ def load_elite(
     folder = resolve_elite(path)
     meta = elite_metadata(folder)
     base_id = str(base_model) if base_model is not None else _base_model_id(folder, meta)
+    if looks_like_path(base_id) and not Path(base_id).is_dir():
+        raise UsageError(f"the base model {base_id} of {folder} (its {ADAPTER_CONFIG}) is gone: restore it, "
+                         "or load with base_model=<local path or hub id>")  # fmt: skip
     kwargs = {"dtype": dtype} if dtype is not None else {}
     base = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
     model = PeftModel.from_pretrained(base, str(folder)).to(device or "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_id)
+    # Elites and checkpoints carry their tokenizer; older folders fall back to the base model's.
+    tokenizer = AutoTokenizer.from_pretrained(str(folder) if (folder / "tokenizer_config.json").is_file() else base_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("loaded elite %s (fitness %s) on base %s", folder, meta.get("fitness"), base_id)

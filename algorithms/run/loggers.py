@@ -14,6 +14,7 @@ header rewrite, an interrupted run leaves a valid file, and a resumed run append
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "MultiLogger",
     "TensorBoardLogger",
     "WandbLogger",
+    "cut_logs",
     "make_logger",
     "read_csv_metrics",
 ]
@@ -125,17 +127,52 @@ def read_csv_metrics(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, 
     return dict(series)
 
 
+def cut_logs(run_dir: str | os.PathLike[str], step: int) -> None:
+    """Drop what a run logged after its checkpoint at ``step``, before a resume logs those steps again.
+
+    ``metrics.csv`` keeps the rows of steps ``<= step`` (a row's step counts steps done);
+    ``completions.jsonl`` keeps the samples of steps ``< step`` (a sample's step is the index of the
+    step that drew it). Each file is rewritten atomically; a missing file is left missing.
+
+    Args:
+        run_dir: The run folder.
+        step: The checkpoint's step.
+    """
+    from llm_gym.algorithms.plumbing.atomic import atomic_write_text
+
+    metrics = Path(run_dir) / "metrics.csv"
+    if metrics.is_file():
+        with open(metrics, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        kept = [row for i, row in enumerate(rows) if i == 0 or (row and int(row[0]) <= step)]
+        if len(kept) < len(rows):
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)  # the same dialect CSVLogger writes
+            atomic_write_text(metrics, text.getvalue())
+            logger.info("resume: dropped %d rows of metrics.csv logged after step %d", len(rows) - len(kept), step)
+    samples = Path(run_dir) / "completions.jsonl"
+    if samples.is_file():
+        lines = [line for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept_lines = [line for line in lines if json.loads(line)["step"] < step]
+        if len(kept_lines) < len(lines):
+            atomic_write_text(samples, "".join(line + "\n" for line in kept_lines))
+
+
 class TensorBoardLogger(MetricLogger):
     """Writes scalars with ``torch.utils.tensorboard.SummaryWriter``.
 
+    A resumed run writes a new event file in the same folder; with ``purge_step`` TensorBoard
+    hides the earlier files' events from that step on, so the run reads as one stream.
+
     Args:
         log_dir: Event-file directory.
+        purge_step: On resume, the first step the new file writes (the checkpoint's step + 1).
 
     Raises:
         ImportError: If the ``tensorboard`` package is missing (``pip install tensorboard``).
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
@@ -143,7 +180,7 @@ class TensorBoardLogger(MetricLogger):
                 "TensorBoardLogger needs the tensorboard package: pip install tensorboard"
             ) from err
         self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
         self._closed = False
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -273,6 +310,7 @@ def make_logger(
     wb: bool = False,
     wandb_project: str = "llm-gym",
     config: Mapping[str, Any] | None = None,
+    purge_step: int | None = None,
 ) -> MultiLogger:
     """Build the usual logger set for a run directory.
 
@@ -283,6 +321,7 @@ def make_logger(
         wb: Also log to W&B (off with a warning when unavailable).
         wandb_project: W&B project name.
         config: Run configuration for W&B.
+        purge_step: On resume, the first step logged again (see :class:`TensorBoardLogger`).
 
     Returns:
         A :class:`MultiLogger` over the loggers that could be created.
@@ -293,7 +332,7 @@ def make_logger(
             sinks.append(CSVLogger(Path(log_dir) / "metrics.csv"))
         if tensorboard:
             try:
-                sinks.append(TensorBoardLogger(Path(log_dir) / "tensorboard"))
+                sinks.append(TensorBoardLogger(Path(log_dir) / "tensorboard", purge_step=purge_step))
             except ImportError as err:
                 logger.warning("%s; TensorBoard logging is off.", err)
     if wb:

@@ -30,14 +30,15 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from llm_gym.algorithms.evolution.lineage import merge_events
 from llm_gym.algorithms.rollout.rollout import Rollout, rollout
-from llm_gym.algorithms.run.checkpoints import load_population, save_population
+from llm_gym.algorithms.run.checkpoints import load_population, save_population, write_with_tokenizer
 from llm_gym.algorithms.run.elites import EliteStore
-from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger
+from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, cut_logs, make_logger
 from llm_gym.algorithms.run.plots import plot_learning_curve
 
 __all__ = ["RunState", "SMOKE_CAPS", "finetune_llm_reasoning"]
@@ -179,7 +180,8 @@ class _Run:
         """Write the whole population and the run state when a checkpoint is due."""
         if not self.checkpoint_path or (step % self.checkpoint_interval and step != self.max_steps):
             return
-        extra: dict[str, Any] = {"run": self.state.to_dict(), "run_dir": str(self.run_dir)}
+        extra: dict[str, Any] = {"run": self.state.to_dict(), "run_dir": str(self.run_dir),
+                                 "finished": step >= self.max_steps}  # fmt: skip
         if self.evolve:
             extra.update(tournament=self.tournament.state_dict(), mutation=self.mutation.state_dict())
         save_population(Path(self.checkpoint_path) / "latest", self.pop, step=step, env=self.env, extra=extra)
@@ -187,9 +189,12 @@ class _Run:
     def loop(self, prompts: Any, start: int) -> None:
         """Train from step ``start`` to ``max_steps`` (which ``max_reward`` may lower), one batch a step."""
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.max_steps, initial=start, disable=not self.verbose, desc="training", unit="step")
         step = start
+        redirect = logging_redirect_tqdm()  # log lines go through the bar while it runs (else onto it)
+        redirect.__enter__()
         try:
             while step < self.max_steps:
                 step_metrics = self.train(prompts, step)
@@ -208,6 +213,7 @@ class _Run:
         finally:
             bar.close()
             self.sink.close()
+            redirect.__exit__(None, None, None)
 
 
 def _log_samples(samples: CompletionSampleLog, env: Any, agent: Any, step: int, prompts: Any, batch: Rollout) -> None:
@@ -359,11 +365,14 @@ def finetune_llm_reasoning(
 
     start, state, saved_run_dir = _resume(resume_from, pop, env, evolve, tournament, mutation, max_steps)
     run_dir = Path(log_dir or saved_run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if resume_from:
+        cut_logs(run_dir, start)  # steps after the checkpoint are trained and logged again
     _wandb_login(wb, wandb_api_key)
     run = _Run(
         pop=pop, env=env, state=state, run_dir=run_dir, max_steps=max_steps, evaluation_interval=evaluation_interval,
         eval_problems=eval_problems, max_reward=max_reward, verbose=verbose,
-        sink=loggers if loggers is not None else make_logger(run_dir, wb=wb, config={"population": len(pop)}),
+        sink=loggers if loggers is not None else make_logger(run_dir, wb=wb, config={"population": len(pop)},
+                                                             purge_step=start + 1 if resume_from else None),
         samples=CompletionSampleLog(run_dir / "completions.jsonl"), sample_interval=sample_interval,
         elites=EliteStore(elite_path or "checkpoints", keep=keep_elites) if save_elite else None,
         tournament=tournament if evolve else None, mutation=mutation if evolve else None,
@@ -417,6 +426,7 @@ def _save_elite(elites: EliteStore | None, agent: Any, step: int, env: Any) -> N
         "eval": dict(getattr(agent, "last_eval", {})),
         "lineage": list(getattr(agent, "lineage", [])),
     }
-    path = elites.save(step, int(agent.index), float(agent.fitness[-1]), agent.write_checkpoint, metadata)
+    path = elites.save(step, int(agent.index), float(agent.fitness[-1]), partial(write_with_tokenizer, agent, env),
+                       metadata)  # fmt: skip
     if path is not None:
         logger.info("saved elite agent %d (fitness %.3f) to %s", agent.index, agent.fitness[-1], path)

@@ -140,7 +140,7 @@ def test_dataset_in_place_of_the_generator(double_task, tmp_path):
     # A single Dataset has no test split: its problems are split by hash, 20 % test, never shared.
     rows = [{"n": n, "target": 2 * n, "extra": "a"} for n in range(1, 41)]
     data = datasets.Dataset.from_list(rows)
-    train = ReasoningEnv(double_task, dataset=data)
+    train = ReasoningEnv(double_task, dataset=data, split="train")
     test = ReasoningEnv(double_task, dataset=data, split="test")
     train_ns = [p["n"] for p in train.problems]
     test_ns = [p["n"] for p in test.problems]
@@ -152,7 +152,7 @@ def test_dataset_in_place_of_the_generator(double_task, tmp_path):
     assert train.step(f"{2 * first['n']}</answer>")[1] == 1.5
 
     data.save_to_disk(str(tmp_path / "double"))
-    from_disk = ReasoningEnv(double_task, dataset=tmp_path / "double", size=1)
+    from_disk = ReasoningEnv(double_task, dataset=tmp_path / "double", split="train", size=1)
     assert list(from_disk.problems) == [first]
     assert [p["n"] for p in ReasoningEnv(double_task, dataset=str(tmp_path / "double"), split="test").problems] == test_ns
 
