@@ -253,13 +253,13 @@ def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
 
 
 def _finished_summary(run_dir: Path, point: ResumePoint | None, config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of a resumed run that has nothing left to do (it stopped, or its checkpoint is at ``max_steps``).
+    """The summary of a resumed run with nothing left to do (``max_reward`` reached, or its checkpoint at ``max_steps``).
 
     A finished run's ``summary.json`` is returned as it is (not overwritten); a run killed after its
     last checkpoint but before the summary returns None and is summed up from the checkpoint.
     """
     summary_file = run_dir / "summary.json"
-    if point is None or not (point.finished or point.step >= config.max_steps) or not summary_file.is_file():
+    if point is None or not (point.max_reward_reached or point.step >= config.max_steps) or not summary_file.is_file():
         return None
     logger.info("resume: %s already finished at step %d; its summary stands", run_dir, point.step)
     return json.loads(summary_file.read_text())
@@ -337,7 +337,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         tournament=TournamentSelection(2, True, config.population, rand_seed=config.seed) if evolve else None,
         mutation=Mutations(no_mutation=0.2, rl_hp=0.8, mutation_sd=0.1, rand_seed=config.seed,
                            hp_config=mutation_genes(config.beta)) if evolve else None,
-        evaluation_interval=config.evaluation_interval, max_steps=point.step if point and point.finished else config.max_steps,
+        evaluation_interval=config.evaluation_interval, max_steps=point.step if point and point.max_reward_reached else config.max_steps,
         elite_path=str(run_dir / "elites"), checkpoint_path=str(run_dir / "checkpoints"),
         resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=env.rubric.max_total,

@@ -125,6 +125,7 @@ class _Run:
     evo_steps: int | None = None
     checkpoint_path: str | None = None
     checkpoint_interval: int | None = None
+    max_reward_reached: bool = False
 
     @property
     def evolve(self) -> bool:
@@ -175,13 +176,14 @@ class _Run:
         if self.max_reward is not None and max(fits) >= self.max_reward:
             logger.info("best fitness %.3f reached max_reward %.3f: stopping", max(fits), self.max_reward)
             self.max_steps = step
+            self.max_reward_reached = True
 
     def checkpoint(self, step: int) -> None:
         """Write the whole population and the run state when a checkpoint is due."""
         if not self.checkpoint_path or (step % self.checkpoint_interval and step != self.max_steps):
             return
         extra: dict[str, Any] = {"run": self.state.to_dict(), "run_dir": str(self.run_dir),
-                                 "finished": step >= self.max_steps}  # fmt: skip
+                                 "max_reward_reached": self.max_reward_reached}  # fmt: skip
         if self.evolve:
             extra.update(tournament=self.tournament.state_dict(), mutation=self.mutation.state_dict())
         save_population(Path(self.checkpoint_path) / "latest", self.pop, step=step, env=self.env, extra=extra)

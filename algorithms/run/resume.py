@@ -42,8 +42,8 @@ class ResumePoint:
     """The model the agents' adapters sit on (the SFT model), as the checkpoint records it."""
     saved_config: dict[str, Any]
     """The run's ``config.json``."""
-    finished: bool = False
-    """Whether the run had stopped at this checkpoint (its last step, or ``max_reward`` reached)."""
+    max_reward_reached: bool = False
+    """Whether the run had stopped here because its best fitness reached ``max_reward``."""
 
 
 def _state_file(checkpoint: Path) -> Path | None:
@@ -89,7 +89,7 @@ def find_resume_point(resume: str | Path) -> ResumePoint:
     agent_file = state_file.parent / state["agents"][0]["dir"] / AGENT_FILE if state.get("agents") else None
     base = json.loads(agent_file.read_text()).get("base_model") if agent_file and agent_file.is_file() else None
     return ResumePoint(run_dir=run_dir, checkpoint=checkpoint, step=int(state["step"]), agents=len(state["agents"]),
-                       base_model=base or None, saved_config=saved, finished=bool(state.get("finished")))  # fmt: skip
+                       base_model=base or None, saved_config=saved, max_reward_reached=bool(state.get("max_reward_reached")))  # fmt: skip
 
 
 def merge_resumed_config(point: ResumePoint, given: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import pytest
 
 from llm_gym.env import build_problems
 from llm_gym.problems import ProblemSet, problem_key, split_of
+from llm_gym.usage import UsageError
 
 
 def test_same_seed_same_problems_other_seed_others(double_task):
@@ -57,7 +58,7 @@ def test_generated_validation(double_task, kwargs, error, message):
 
 
 def test_from_dataset_errors(double_task):
-    with pytest.raises(ValueError, match=r"^the dataset given to llm_gym/Double-v0 is empty$"):
+    with pytest.raises(UsageError, match=r"^the dataset given to llm_gym/Double-v0 has no rows: give at least one problem$"):
         ProblemSet.from_dataset(double_task, datasets.Dataset.from_dict({"n": [], "target": []}))
     with pytest.raises(ValueError, match=r"^dataset has no split 'test'; splits: \['train'\]$"):
         ProblemSet.from_dataset(
