@@ -93,17 +93,15 @@ def _take_split(task: Task, data: Any, split: str | None, test_fraction: float) 
     if not len(data) or columns and not set(task.columns) <= set(columns):
         return data  # ProblemSet.from_dataset reports the empty data or the missing column
     logger.info("data has no test split: holding out %.0f%% of its problems by hash as the test split", 100 * test_fraction)
-    if hasattr(data, "filter"):
-        kept = data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
-    else:
-        kept = [row for row in data if split_of(problem_key(row, task.columns), test_fraction) == split]
+    indices = [i for i, row in enumerate(data) if split_of(problem_key(row, task.columns), test_fraction) == split]
+    kept = data.select(indices) if hasattr(data, "select") else [data[i] for i in indices]
     if len(kept) == 0:
         distinct = len({problem_key(row, task.columns) for row in data})
         raise UsageError(
             f"the {split!r} split of the data is empty: the data has no test split, so its problems are split by hash "
             f"({100 * test_fraction:.0f}% test), and none of its {distinct} distinct problems ({len(data)} rows) "
             f"falls in {split!r}; give a DatasetDict with a 'test' split, more distinct problems, or "
-            f"{'the other split' if split == 'test' else 'split=None for all rows'}"
+            f"split={'train' if split == 'test' else 'test'!r} (--split)"
         )
     return kept
 
