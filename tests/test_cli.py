@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
+from llm_gym.algorithms.run.loggers import read_csv_metrics
 from llm_gym.cli import main, parse_task_kwargs
 from llm_gym.registry import get_task, list_task_envs
 from tests.task_data import data_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_RUN = """\
 task: llm_gym/Countdown-v0
@@ -60,6 +66,23 @@ def test_train_runs_the_pipeline_then_resumes(tmp_path, capsys, monkeypatch):
     # Resume to step 3: the run folder is found from the checkpoint, the SFT model from the cache.
     assert main(["train", "--config", str(config), "--max-steps", "3", "--resume", str(run / "checkpoints")]) == 0
     assert json.loads((run / "checkpoints" / "latest" / "state.json").read_text())["step"] == 3
+    keys = [(s, k) for k, series in read_csv_metrics(run / "metrics.csv").items() for s, _ in series]
+    assert len(keys) == len(set(keys)) and max(s for s, _ in keys) == 3  # every step logged once
+
+    # Every elite and every checkpointed agent evaluates by --model, through the elite's own numbers.
+    capsys.readouterr()
+    elite = json.loads((run / "elites" / "index.json").read_text())[0]
+    for folder in (run / "elites" / elite["path"], run / "checkpoints" / "latest" / "agent_1"):
+        assert main(["eval", "--task", "llm_gym/Countdown-v0", "--model", str(folder), "-n", "4",
+                     "--max-new-tokens", "12"]) == 0  # fmt: skip
+        rows = _eval_rows(capsys.readouterr().out)
+        assert set(rows) == {"format", "equation", "total", "exact accuracy"}
+    # The README's three lines load an elite with transformers + peft alone.
+    snippet = re.search(r"# skip-test: needs a run folder[^\n]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    namespace = {"ELITE": str(run / "elites" / elite["path"])}
+    exec(snippet.group(1), namespace)  # noqa: S102 - the README's own code
+    assert type(namespace["model"]).__name__ == "PeftModelForCausalLM"
+    assert len(namespace["tokenizer"]) == len(AutoTokenizer.from_pretrained(str(run / "elites" / elite["path"])))
 
 
 def test_train_rejects_an_unknown_config_key(tmp_path, capsys):
@@ -141,3 +164,15 @@ def test_train_task_from_the_command_line_does_not_inherit_countdowns_knobs(monk
     assert [c.task_kwargs for c in seen] == [
         {}, {"houses": 3}, recipe.TrainConfig().task_kwargs, recipe.TrainConfig().task_kwargs]
     assert [c.task for c in seen] == ["llm_gym/Zebra-v0"] * 2 + ["llm_gym/Countdown-v0"] * 2
+
+
+def test_train_another_task_out_of_the_box(tmp_path, monkeypatch, capsys):
+    """``--task llm_gym/Subtraction-v0`` with no knobs: the task's own defaults, not Countdown's."""
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text("\n".join(line for line in TINY_RUN.splitlines() if not line.startswith("task")))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--task", "llm_gym/Subtraction-v0", "--output-dir", str(run)]) == 0
+    assert "Held-out results on 4 llm_gym/Subtraction-v0 problems" in capsys.readouterr().out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["task"] == "llm_gym/Subtraction-v0" and saved["task_kwargs"] == {}
