@@ -200,6 +200,7 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
 
 def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = None) -> tuple[str, Any]:
     """The warm-started model folder and its tokenizer (a resume reuses the model its checkpoint sits on)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gym.algorithms.sft import SFTConfig, length_report, oracle_examples, train_sft
@@ -225,7 +226,8 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
     logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
                     warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
-    result = train_sft(model, tokenizer, examples, sft)
+    with logging_redirect_tqdm():  # log lines go through the progress bar, not onto it
+        result = train_sft(model, tokenizer, examples, sft)
     logger.info("SFT: %d steps in %.1fs, final loss %.3f", result.steps, result.seconds, result.losses[-1])
     out = (run_dir / "sft_model").resolve()  # absolute: adapters record it as their base model
     model.save_pretrained(out)

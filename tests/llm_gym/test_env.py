@@ -188,3 +188,26 @@ def test_rubric_override_accepts_a_seed_style_callable(double_task):
     env.reset(seed=0)
     _, reward, _, _, info = env.step("anything")
     assert reward == 1.0 and info["rewards"] == {"<lambda>": 1.0} and info["correct"] is False
+
+
+def test_a_dataset_handed_over_without_a_split_is_the_env(double_task):
+    """gym.make with a 1-row Dataset gives an env over that row, whichever side of the hash split it lies."""
+    for n in range(1, 6):  # some of these hash into the test share, some into train
+        env = gym.make(DOUBLE_ENV_ID, dataset=datasets.Dataset.from_list([{"n": n, "target": 2 * n}]))
+        assert [p["n"] for p in env.unwrapped.problems] == [n]
+        env.reset(seed=0)
+        assert env.step(f"{2 * n}</answer>")[1] == 1.5
+
+
+def test_an_empty_hash_split_names_its_cause(double_task):
+    from llm_gym.problems import problem_key, split_of
+    from llm_gym.usage import UsageError
+
+    n = next(n for n in range(100) if split_of(problem_key({"n": n, "target": 2 * n}, ["n", "target"]), 0.2) == "train")
+    data = datasets.Dataset.from_list([{"n": n, "target": 2 * n}] * 30)
+    with pytest.raises(UsageError, match=r"^the 'test' split of the data is empty: the data has no test split, so its "
+                       r"problems are split by hash \(20% test\), and none of its 1 distinct problems \(30 rows\) falls "
+                       r"in 'test'; give a DatasetDict with a 'test' split, more distinct problems, or "
+                       r"split='train' \(--split\)$"):  # fmt: skip
+        build_problems(double_task, dataset=data, split="test")
+    assert len(build_problems(double_task, dataset=data, split="train")) == 30
