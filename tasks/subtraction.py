@@ -16,7 +16,7 @@ message is the ``input`` string; the assistant prefill is Countdown's
 
 ## Rewards (weights 1 and 1, total in [0, 2])
 * ``format`` in {0, 1}: Countdown's ``format_reward`` (``<think>...</think>\\n<answer>...</answer>``).
-* ``accuracy`` in {0, 1}, the ``correct_part``: the only ``<answer>`` holds an integer
+* ``answer`` in {0, 1}, the ``correct_part``: the only ``<answer>`` holds an integer
   (optional sign, digits, surrounding spaces) equal to ``difference``.
 
 ## Arguments
@@ -24,7 +24,8 @@ message is the ``input`` string; the assistant prefill is Countdown's
 ``tokenizer``, ``template``, ``rubric``.
 
 ## Version History
-* v0: initial version.
+* v0: initial version (its answer part was first called ``accuracy``, a second name for exact
+  accuracy in the tables; the reward is unchanged).
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ TASK = Task(
             {"role": "assistant", "content": PREFILL},
         ]
     ),
-    rubric=Rubric([format_reward, accuracy_reward], [1.0, 1.0], names=["format", "accuracy"]),
-    correct_part="accuracy",
+    rubric=Rubric([format_reward, accuracy_reward], [1.0, 1.0], names=["format", "answer"]),
+    correct_part="answer",
     config=SubtractionConfig(),
     generate=generate,
     solve=solve,

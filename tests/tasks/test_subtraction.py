@@ -38,7 +38,7 @@ def test_rewards_by_hand(completion: str, difference: int, fmt: float, acc: floa
     start = time.perf_counter()
     problem = TASK.to_problem({"input": "512 87", "difference": difference})
     score = TASK.rubric.score(completion, problem, PREFILL)
-    assert score.parts == {"format": fmt, "accuracy": acc} and not score.errors
+    assert score.parts == {"format": fmt, "answer": acc} and not score.errors
     assert time.perf_counter() - start < 1.0
 
 
@@ -87,7 +87,7 @@ def test_golden_rendered_prompt() -> None:
         {"role": "user", "content": "512 87"},
         {"role": "assistant", "content": "Let me solve this step by step.\n<think>"},
     ]
-    assert TASK.env_id == "llm_gym/Subtraction-v0" and TASK.correct_part == "accuracy"
+    assert TASK.env_id == "llm_gym/Subtraction-v0" and TASK.correct_part == "answer"
 
 
 def test_env_on_seed_004_style_data() -> None:
@@ -109,4 +109,4 @@ def test_generated_env_with_knob() -> None:
     a, b = (int(x) for x in obs["messages"][1]["content"].split())
     assert 0 <= a <= 9 and 0 <= b <= 9
     _, reward, _, _, info = env.step(f" x </think>\n<answer>{a - b}</answer>")
-    assert reward == 2.0 and info["rewards"] == {"format": 1.0, "accuracy": 1.0}
+    assert reward == 2.0 and info["rewards"] == {"format": 1.0, "answer": 1.0}
