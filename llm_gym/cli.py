@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", metavar="RUN_DIR",
                          help="continue an earlier run (its folder or its checkpoints/) with its own settings; "
                          "only --max-steps and --threads may change")
-    p_train.add_argument("--seed", type=int)
+    p_train.add_argument("--seed", type=int, help="seed of problems, initialisation and evolution (default 0)")
     p_train.add_argument("--threads", type=int, help="torch threads")
     p_train.set_defaults(func=_cmd_train)
     return parser

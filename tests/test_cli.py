@@ -176,3 +176,19 @@ def test_train_another_task_out_of_the_box(tmp_path, monkeypatch, capsys):
     assert "Held-out results on 4 llm_gym/Subtraction-v0 problems" in capsys.readouterr().out
     saved = json.loads((run / "config.json").read_text())
     assert saved["task"] == "llm_gym/Subtraction-v0" and saved["task_kwargs"] == {}
+
+
+def test_help_explains_every_option_without_markup(capsys):
+    for argv in (["--help"], ["eval", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "``" not in out
+    from llm_gym.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in ("eval", "train"):
+        parser = sub.choices[name]
+        undocumented = [a.option_strings for a in parser._actions if a.dest != "help" and not a.help]
+        assert undocumented == [], (name, undocumented)
