@@ -180,6 +180,13 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
         raise UsageError(f"{config.task} has no oracle solver to write the SFT warm-up's examples: set sft_steps: 0")
     if config.model is not None:
         check_model_source(config.model, "model")
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(config.model)  # a hub id that cannot be found fails here, not after the run starts
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"model {config.model}: cannot load it ({first}); give a local model folder or a hub id") from None
     if not config.resume:
         return None
     point = find_resume_point(config.resume)

@@ -58,6 +58,7 @@ CASES = {
     "unknown-task": (["train", "--task", "llm_gym/Countdwn-v0"], "Did you mean llm_gym/Countdown-v0"),
     "bad-knob": (["train", "--task-kwargs", "max_numbr=3"], "task_kwargs: llm_gym/Countdown-v0 got unknown argument 'max_numbr'"),
     "model-path": (["train", "--model", "/nonexistent/path"], "model /nonexistent/path: no such folder"),
+    "model-hub-id": (["train", "--model", "nobody/no-such-model"], "model nobody/no-such-model: cannot load it"),
     "argparse-type": (["train", "--population", "abc"], "argument --population: invalid int value: 'abc'"),
     # train --resume
     "resume-nowhere": (["train", "--resume", "nowhere"], "--resume nowhere: no such folder"),
@@ -75,6 +76,7 @@ CASES = {
     "eval-n-neg": (["eval", "-n", "-5"], "-n/--num-problems -5 must be >= 1"),
     "eval-unknown-task": (["eval", "--task", "llm_gym/Countdwn-v0"], "Did you mean llm_gym/Countdown-v0"),
     "eval-model-path": (["eval", "--model", "/nonexistent/path"], "--model /nonexistent/path: no such folder"),
+    "eval-model-hub-id": (["eval", "--model", "nobody/no-such-model"], "--model nobody/no-such-model: cannot load it"),
     "eval-model-not-a-model": (["eval", "--model", "empty_dir"], "--model empty_dir holds no config.json"),
     "eval-no-column": (["eval", "--task", "llm_gym/Countdown-v0", "--dataset", "no_target"],
                        "llm_gym/Countdown-v0 needs column 'target'"),
@@ -102,7 +104,8 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(case, inputs, tmp_pat
 
     shutil.copytree(inputs, work)
     before = _files(work)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LLM_GYM_CACHE": str(tmp_path / "c")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LLM_GYM_CACHE": str(tmp_path / "c"),
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
     env.pop("LLM_GYM_DEBUG", None)
     proc = subprocess.run([*CLI, *argv], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
