@@ -140,3 +140,21 @@ def test_cut_logs_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "completions.jsonl").read_text().splitlines()] == [0, 1]
     cut_logs(tmp_path / "missing", 2)  # a run folder without logs: nothing to do, nothing created
     assert not (tmp_path / "missing").exists()
+
+
+def test_tensorboard_reads_a_resumed_run_as_one_stream(tmp_path):
+    """The resumed writer's purge_step hides the first file's steps from the checkpoint on."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llm_gym.algorithms.run.loggers import TensorBoardLogger
+
+    with TensorBoardLogger(tmp_path) as first:  # killed after step 4; its checkpoint was at step 2
+        for step in (1, 2, 3, 4):
+            first.log({"loss": step}, step)
+    with TensorBoardLogger(tmp_path, purge_step=3) as resumed:
+        for step in (3, 4, 5):
+            resumed.log({"loss": 10 * step}, step)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
