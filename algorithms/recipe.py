@@ -192,7 +192,10 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
     point = find_resume_point(config.resume)
     mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "output_dir", "max_steps",
                                                                               "threads")}  # fmt: skip
-    merge_resumed_config(point, mine, mine)  # raises on a setting that differs from the run's
+    try:
+        merge_resumed_config(point, mine, mine)
+    except UsageError as err:  # a TrainConfig built by hand: its defaults count as given
+        raise UsageError(f"{err} (load_config(resume=...) restores the run's own settings)") from None
     if point.agents != config.population:
         raise UsageError(f"the checkpoint {point.checkpoint} holds {point.agents} agents but population="
                          f"{config.population}: resume with load_config(resume=...) to restore the run's settings")  # fmt: skip
@@ -295,8 +298,16 @@ def mutation_genes(beta: float) -> Any:
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Run the main job and return its summary (also written to ``<run>/summary.json``).
 
+    Everything the config names is checked first (task, knobs, model, resume point), so a bad
+    input raises before any work and leaves no run folder. A resume continues the run in its own
+    folder on the model its checkpoint sits on (the SFT warm-up is not repeated); a resumed run
+    that has nothing left to do returns its ``summary.json`` unchanged.
+
     Returns:
         ``{"sft": eval metrics, "elite": eval metrics, "seconds": ..., "run_dir": ...}``.
+
+    Raises:
+        UsageError: naming a bad value of the config and the fix.
     """
     import torch
     from peft import LoraConfig
