@@ -1,10 +1,11 @@
 """The ``llm-gym`` command line: list environments, evaluate a policy, train.
 
 ``llm-gym list`` prints every registered environment id. ``llm-gym eval`` runs a policy (the
-task's oracle solver, or a causal LM from a local path / hub id) on a fixed set of held-out
-problems, through the same rollout and evaluation as training's fitness
-(:func:`llm_gym.algorithms.rollout.rollout.evaluate`), and prints a table of per-part rewards. The
-CLI is the one module of the core that wires in the trainers, and it imports them lazily.
+task's oracle solver, a causal LM from a local path / hub id, or any OpenAI-compatible endpoint)
+on a fixed set of held-out problems and prints a table of per-part rewards, accuracy and pass@k
+(body in :mod:`llm_gym.eval_command`); ``llm-gym data`` filters saved rollouts and measures their
+lengths (:mod:`llm_gym.data_command`). The CLI is the one module of the core that wires in the
+trainers, and it imports them lazily.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import llm_gym
-from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
+from llm_gym.data_command import add_data_parser
+from llm_gym.eval_command import add_endpoint_args
+from llm_gym.registry import env_description, list_envs
 from llm_gym.table import format_table, held_out_table
-from llm_gym.task import Task
 
 __all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
 
@@ -73,63 +75,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any, knobs: dict[str, Any]) -> Any:
-    """A batched env over the first ``-n`` problems of the chosen split, for the shared rollout."""
-    from llm_gym.env import build_problems
-    from llm_gym.reasoning_gym import ReasoningGym
-
-    size = None if args.dataset else args.num_problems
-    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed, **knobs)
-    rows = [problems[i] for i in range(min(args.num_problems, len(problems)))]
-    # The rows are the env's held-out split (what evaluate() reads); its training split is unused.
-    return ReasoningGym(rows, rows, tokenizer, task.rubric.copy(), task.template, data_batch_size_per_gpu=16,
-                        correct_part=task.correct_part)  # fmt: skip
-
-
-def _default_eval_tasks() -> list[str]:
-    """Tasks the oracle can run offline: an oracle, a generator and every optional requirement installed."""
-    ids = []
-    for env_id in list_task_envs():
-        task = get_task(env_id)
-        if task.solve is not None and task.generate is not None and not task.missing_requirements:
-            ids.append(env_id)
-    return ids
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.rollout.policies import ModelPolicy, OraclePolicy
-    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.eval_command import run_eval
 
-    tasks = args.task or _default_eval_tasks()
     try:
         knobs = parse_task_kwargs(args.task_kwargs) or {}
     except ValueError as err:
         print(f"llm-gym eval: {err}", file=sys.stderr)
         return 2
-    policy_name = args.model or "oracle"
-    model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
-    rows = []
-    for env_id in tasks:
-        if env_id in list_envs() and env_id not in list_task_envs():
-            print(f"llm-gym eval: {env_id} is not a single-turn task env; evaluate a multi-turn game with its "
-                  "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)", file=sys.stderr)
-            return 2
-        task = get_task(env_id)
-        env = _eval_env(task, args, tokenizer, knobs)
-        try:
-            policy = model_policy if model_policy is not None else OraclePolicy(task, env)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
-        metrics = evaluate(policy, env)
-        parts = {k.removeprefix("reward/"): v for k, v in metrics.items()
-                 if k.startswith("reward/") and k not in ("reward/total", "reward/failures")}  # fmt: skip
-        for name, value in parts.items():
-            rows.append((env_id, policy_name, args.split, name, value))
-        rows.append((env_id, policy_name, args.split, "total", metrics["reward/total"]))
-        rows.append((env_id, policy_name, args.split, "exact accuracy", metrics["accuracy"]))
-        logger.info("%s: %s", env_id, metrics)
-    print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
-    return 0
+    return run_eval(args, knobs)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -175,13 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--task", action="append",
                         help="environment id (repeatable); default: every generated task with an oracle")
     p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
-    p_eval.add_argument("--model", help="local path or hub id of a causal LM; default: the task's oracle solver")
+    p_eval.add_argument("--model", help="local path or hub id of a causal LM, or with --base-url the served "
+                        "model's name; default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
     p_eval.add_argument("--split", default="test", choices=("train", "test"))
     p_eval.add_argument("-n", "--num-problems", type=int, default=100)
     p_eval.add_argument("--seed", type=int, default=0)
-    p_eval.add_argument("--max-new-tokens", type=int, default=128)
+    p_eval.add_argument("--max-new-tokens", "--max-tokens", type=int,
+                        help="completion budget (default: 128 for a local model, the server's for --base-url)")
+    add_endpoint_args(p_eval)
     p_eval.set_defaults(func=_cmd_eval)
+    add_data_parser(sub)
 
     p_train = sub.add_parser(
         "train", help="train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"

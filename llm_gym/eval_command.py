@@ -1,0 +1,272 @@
+"""The body of ``llm-gym eval``: a policy on held-out problems, one report, optional JSONL and dataset.
+
+Three kinds of policy answer the same problems and go through the same records
+(:class:`~llm_gym.rollout_record.RolloutRecord`), report (:mod:`llm_gym.eval_report`), rollout log
+(:mod:`llm_gym.rollout_store`) and dataset (:mod:`llm_gym.rollout_dataset`):
+
+* the task's oracle and a local causal LM (``--model PATH``), through the shared rollout and
+  evaluation of training's fitness (:func:`llm_gym.algorithms.rollout.rollout.evaluate`);
+* any OpenAI-compatible endpoint (``--base-url URL --model NAME``), through
+  :mod:`llm_gym.endpoint`, with a request cache (:mod:`llm_gym.request_cache`) and ``--resume``.
+
+Bad input is one line on stderr naming the fix and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_gym.eval_report import EvalReport, summarize
+from llm_gym.registry import get_task, list_envs, list_task_envs
+from llm_gym.rollout_record import RolloutRecord, failed_record, scored_record
+from llm_gym.table import format_table
+from llm_gym.task import Task
+
+__all__ = ["add_endpoint_args", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+
+class _BadInput(Exception):
+    """Bad command-line input: the message names the fix."""
+
+
+def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The endpoint, sampling and output flags of ``llm-gym eval``."""
+    parser.add_argument("--base-url", help="an OpenAI-compatible API root (vLLM, SGLang, hosted), e.g. "
+                        "http://127.0.0.1:8000/v1; --model is then the served model's name")  # fmt: skip
+    parser.add_argument("--api-key-env", metavar="VAR",
+                        help="environment variable holding the API key (default OPENAI_API_KEY if set, else none)")
+    parser.add_argument("-r", "--rollouts", type=int, default=1, help="samples per problem (pass@k uses them)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    parser.add_argument("--temperature", type=float, default=1.0, help="endpoint sampling temperature")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries of a failed request (429, 5xx, ...)")
+    parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, then doubled")
+    parser.add_argument("--out", help="folder of the rollout log (rollouts.jsonl); default evals/<time> with "
+                        "--base-url, none otherwise")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue the eval in --out: finished answers are "
+                        "not asked again")  # fmt: skip
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the request cache")
+    parser.add_argument("--save-dataset", metavar="DIR", help="save the rollouts as a Hugging Face dataset")
+
+
+def _default_eval_tasks() -> list[str]:
+    """Tasks the oracle can run offline: an oracle, a generator and every optional requirement installed."""
+    ids = []
+    for env_id in list_task_envs():
+        task = get_task(env_id)
+        if task.solve is not None and task.generate is not None and not task.missing_requirements:
+            ids.append(env_id)
+    return ids
+
+
+def _problems(task: Task, args: argparse.Namespace, knobs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first ``-n`` problems of the chosen split."""
+    from llm_gym.env import build_problems
+
+    size = None if args.dataset else args.num_problems
+    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed, **knobs)
+    return [problems[i] for i in range(min(args.num_problems, len(problems)))]
+
+
+def _check(args: argparse.Namespace, tasks: list[str]) -> None:
+    """Every check of the arguments that needs no work: raise :class:`_BadInput` naming the fix."""
+    if args.rollouts < 1:
+        raise _BadInput(f"-r {args.rollouts}: ask at least one sample per problem (-r 1 or more)")
+    if args.num_problems < 1:
+        raise _BadInput(f"-n {args.num_problems}: evaluate at least one problem (-n 1 or more)")
+    if args.concurrency < 1:
+        raise _BadInput(f"--concurrency {args.concurrency}: allow at least one request in flight")
+    if args.base_url and not args.model:
+        raise _BadInput("--base-url needs --model NAME: the model name the server serves")
+    writes = [flag for flag, on in (("--out", args.out), ("--save-dataset", args.save_dataset),
+                                    ("--resume", args.resume), ("--base-url", args.base_url)) if on]  # fmt: skip
+    if writes and len(tasks) != 1:
+        raise _BadInput(f"{writes[0]} evaluates one task: pass exactly one --task")
+    if args.resume and not args.out:
+        raise _BadInput("--resume needs --out DIR: the folder of the eval to continue")
+    if args.resume and not args.base_url:
+        raise _BadInput("--resume continues an endpoint eval (--base-url); a local eval simply runs again")
+    if args.save_dataset and Path(args.save_dataset).exists() and any(Path(args.save_dataset).iterdir()):
+        raise _BadInput(f"--save-dataset {args.save_dataset} exists and is not empty: choose another folder")
+    for env_id in tasks:
+        if env_id in list_envs() and env_id not in list_task_envs():
+            raise _BadInput(f"{env_id} is not a single-turn task env; evaluate a multi-turn game with its "
+                            "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")  # fmt: skip
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise _BadInput(f"--api-key-env {args.api_key_env}: that environment variable is not set; "
+                            f"export {args.api_key_env}=<your key> (the key is never passed as a flag)")  # fmt: skip
+        return key
+    return os.environ.get("OPENAI_API_KEY") or "EMPTY"  # a local vLLM/SGLang server takes any key
+
+
+class _Repeated:
+    """A local policy asked for ``R`` samples per prompt (sampled when it can sample)."""
+
+    def __init__(self, policy: Any, samples: int) -> None:
+        self.policy, self.samples = policy, samples
+
+    def get_action(self, prompts: Any, training: bool = False) -> tuple[list[Any], Any]:
+        from llm_gym.algorithms.rollout.policies import ModelPolicy
+
+        if isinstance(self.policy, ModelPolicy):
+            return self.policy.get_action(prompts, training=True, group_size=self.samples)
+        completions, masks = self.policy.get_action(prompts, training=training)
+        return [list(c) * self.samples for c in completions], masks  # a deterministic policy: R equal answers
+
+
+def _local_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any], loaded: Any) -> list[RolloutRecord]:
+    """The oracle's or a local model's records, through the shared evaluation."""
+    from llm_gym.algorithms.rollout.policies import OraclePolicy
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    model_policy, tokenizer = loaded
+    rows = _problems(task, args, knobs)
+    # The rows are the env's held-out split (what evaluate() reads); its training split is unused.
+    env = ReasoningGym(rows, rows, tokenizer, task.rubric.copy(), task.template, data_batch_size_per_gpu=16,
+                       correct_part=task.correct_part)  # fmt: skip
+    try:
+        policy = model_policy if model_policy is not None else OraclePolicy(task, env)
+    except ValueError as err:
+        raise _BadInput(str(err)) from None
+    if args.rollouts > 1:
+        policy = _Repeated(policy, args.rollouts)
+    records: list[RolloutRecord] = []
+    evaluate(policy, env, greedy=args.rollouts == 1, records=records)
+    return records
+
+
+def _endpoint_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
+    """An endpoint's records: cached answers first, then the missing ones, logged as they arrive."""
+    from llm_gym.endpoint import Answer, EndpointConfig, Request, complete_all
+    from llm_gym.request_cache import RequestCache, request_key
+
+    config = EndpointConfig(
+        base_url=args.base_url, model=args.model, api_key=_api_key(args), concurrency=args.concurrency,
+        timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff, temperature=args.temperature,
+        max_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    rubric, prefill = task.rubric.copy(), task.template.prefill
+    rows = _problems(task, args, knobs)
+    cache = None if args.no_cache else RequestCache()
+    done = store.done
+    pending: list[Request] = []
+    keys: dict[tuple[int, int], str] = {}
+
+    def record(i: int, s: int, text: str | None, tokens: int | None, error: str | None) -> RolloutRecord:
+        messages = task.template.render(rows[i])
+        if error is not None:
+            return failed_record(i, s, rows[i], messages, error)
+        return scored_record(i, s, rows[i], messages, text or "", rubric.score(text or "", rows[i], prefill),
+                             task.correct_part, tokens)  # fmt: skip
+
+    for i, row in enumerate(rows):
+        messages = task.template.render(row)
+        for s in range(args.rollouts):
+            if f"{i}:{s}" in done:
+                continue
+            keys[i, s] = request_key(config.base_url, config.model, messages, config.sampling, s)
+            hit = cache.get(keys[i, s]) if cache is not None else None
+            if hit is not None:
+                store.append(record(i, s, hit["text"], hit.get("completion_tokens"), None))
+            else:
+                pending.append(Request((i, s), messages))
+    logger.info("%d answers done, %d from the cache, %d to ask", len(done), cache.hits if cache else 0, len(pending))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), desc=f"{args.model}", unit="req", disable=None)
+    start, tokens, errors = time.perf_counter(), 0, 0
+
+    def on_answer(answer: Answer) -> None:
+        nonlocal tokens, errors
+        i, s = answer.key
+        store.append(record(i, s, answer.text, answer.completion_tokens, answer.error))
+        if answer.error is None and cache is not None:
+            cache.put(keys[i, s], {"text": answer.text, "completion_tokens": answer.completion_tokens})
+        tokens += answer.completion_tokens or 0
+        errors += answer.error is not None
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}", errors=errors)
+
+    try:
+        asyncio.run(complete_all(pending, config, on_answer))
+    finally:
+        bar.close()
+    return store.records()
+
+
+def _table_rows(env_id: str, policy: str, split: str, report: EvalReport) -> list[tuple[Any, ...]]:
+    return [(env_id, policy, split, name, value) for name, value in report.rows()]
+
+
+def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
+    """Run ``llm-gym eval`` and print its table.
+
+    Args:
+        args: The parsed arguments (see :func:`add_endpoint_args` and the ``eval`` parser).
+        task_kwargs: The parsed ``--task-kwargs``.
+
+    Returns:
+        The exit status: 0, or 2 on bad input (one line on stderr naming the fix; nothing written).
+    """
+    from llm_gym.endpoint import EndpointFatal
+    from llm_gym.rollout_store import RolloutStore, StoreError
+
+    tasks = args.task or _default_eval_tasks()
+    try:
+        _check(args, tasks)
+        if args.base_url:
+            _api_key(args)
+        out = args.out or (f"evals/{time.strftime('%Y%m%d-%H%M%S')}" if args.base_url else None)
+        loaded: Any = (None, None)
+        if args.model and not args.base_url:
+            from llm_gym.algorithms.rollout.policies import ModelPolicy
+
+            loaded = ModelPolicy.from_pretrained(args.model, args.max_new_tokens or 128)
+        rows = []
+        for env_id in tasks:
+            task = get_task(env_id)
+            run = {"task": env_id, "task_kwargs": task_kwargs, "split": args.split, "seed": args.seed,
+                   "n": args.num_problems, "r": args.rollouts, "dataset": args.dataset, "model": args.model,
+                   "base_url": args.base_url, "temperature": args.temperature if args.base_url else None,
+                   "max_tokens": args.max_new_tokens}  # fmt: skip
+            store = RolloutStore(out, run, resume=args.resume) if out else None
+            if args.base_url:
+                with store:
+                    records = _endpoint_records(task, args, task_kwargs, store)
+            else:
+                records = _local_records(task, args, task_kwargs, loaded)
+                if store is not None:
+                    with store:
+                        store.extend(records)
+            report = summarize(records, args.rollouts)
+            rows += _table_rows(env_id, args.model or "oracle", args.split, report)
+            logger.info("%s: %s", env_id, report)
+            if args.save_dataset:
+                from llm_gym.rollout_dataset import save_rollouts
+
+                save_rollouts(records, args.save_dataset)
+    except (_BadInput, EndpointFatal, StoreError) as err:
+        print(f"llm-gym eval: {err}", file=sys.stderr)
+        return 2
+    print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
+    if out:
+        print(f"rollouts: {Path(out) / 'rollouts.jsonl'}")
+    if args.save_dataset:
+        print(f"dataset: {args.save_dataset}")
+    return 0
