@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Answer", "EndpointConfig", "EndpointFatal", "Request", "complete_all"]
+__all__ = ["Answer", "EndpointClient", "EndpointConfig", "EndpointFatal", "Request", "complete_all", "gather_or_cancel"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,15 @@ def _retry_after(err: Any) -> float | None:
         return None
 
 
-class _Client:
-    """The async client, the retry loop and the fatal-error translation."""
+class EndpointClient:
+    """The async client: bounded concurrency, the retry loop, and fatal errors raised as :class:`EndpointFatal`.
+
+    The first request goes alone and every other one waits for it: if the server cannot be reached
+    at all (connection refused, no such host), or answers 404 / 401, nothing else is sent.
+
+    Args:
+        config: The endpoint and its limits.
+    """
 
     def __init__(self, config: EndpointConfig) -> None:
         import openai
@@ -124,9 +131,11 @@ class _Client:
         self.client = openai.AsyncOpenAI(
             base_url=config.base_url, api_key=config.api_key, timeout=config.timeout, max_retries=0
         )
-        fatal_status = (openai.NotFoundError, openai.AuthenticationError, openai.PermissionDeniedError)
-        self.fatal = fatal_status
+        self.fatal = (openai.NotFoundError, openai.AuthenticationError, openai.PermissionDeniedError)
         self.retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+        self._gate: asyncio.Semaphore | None = None
+        self._first: asyncio.Event | None = None
+        self._started = False
 
     def _fatal_message(self, err: Any) -> str:
         c = self.config
@@ -136,6 +145,30 @@ class _Client:
         return f"{c.base_url} refused the API key ({_short(err)}): set the right key in the --api-key-env variable"
 
     async def ask(self, request: Request) -> Answer:
+        """One chat completion, retried as the module docstring says.
+
+        Raises:
+            EndpointFatal: the model is unknown, the key refused, or the first request found no server.
+        """
+        if self._gate is None:  # created inside the running loop
+            self._gate, self._first = asyncio.Semaphore(self.config.concurrency), asyncio.Event()
+        assert self._first is not None
+        if not self._started:
+            self._started = True
+            try:
+                answer = await self._ask(request)
+                if answer.error is not None and answer.error.startswith("APIConnectionError (ConnectError)"):
+                    raise EndpointFatal(f"cannot reach {self.config.base_url} (connection refused or no such host, "
+                                        f"{answer.attempts} attempts): check --base-url and that the server is "
+                                        "running")  # fmt: skip
+                return answer
+            finally:
+                self._first.set()
+        await self._first.wait()
+        async with self._gate:
+            return await self._ask(request)
+
+    async def _ask(self, request: Request) -> Answer:
         c = self.config
         extra: dict[str, Any] = {}
         if c.continue_prefill and request.messages and request.messages[-1]["role"] == "assistant":
@@ -172,6 +205,7 @@ class _Client:
         return Answer(request.key, None, error=error, attempts=c.max_retries + 1, seconds=time.perf_counter() - start)
 
     async def close(self) -> None:
+        """Close the HTTP connections."""
         await self.client.close()
 
 
@@ -201,39 +235,30 @@ async def complete_all(
     Raises:
         EndpointFatal: the model is unknown, the key refused, or the first request found no server.
     """
-    client = _Client(config)
+    client = EndpointClient(config)
     answers: dict[int, Answer] = {}
 
-    async def deliver(i: int, answer: Answer) -> None:
-        answers[i] = answer
+    async def one(i: int) -> None:
+        answers[i] = answer = await client.ask(requests[i])
         if on_answer is not None:
             out = on_answer(answer)
             if asyncio.iscoroutine(out):
                 await out
 
     try:
-        if not requests:
-            return []
-        first = await client.ask(requests[0])
-        if first.error is not None and first.error.startswith("APIConnectionError (ConnectError)"):
-            raise EndpointFatal(f"cannot reach {config.base_url} (connection refused or no such host, "
-                                f"{first.attempts} attempts): check --base-url and that the server is running")  # fmt: skip
-        await deliver(0, first)
-        gate = asyncio.Semaphore(config.concurrency)
-
-        async def one(i: int) -> None:
-            async with gate:
-                answer = await client.ask(requests[i])
-            await deliver(i, answer)
-
-        tasks = [asyncio.create_task(one(i)) for i in range(1, len(requests))]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_or_cancel([one(i) for i in range(len(requests))])
     finally:
         await client.close()
     return [answers[i] for i in range(len(requests))]
+
+
+async def gather_or_cancel(coroutines: Sequence[Awaitable[Any]]) -> list[Any]:
+    """``asyncio.gather`` that cancels (and awaits) the other tasks when one raises."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
