@@ -98,9 +98,13 @@ def _check(args: argparse.Namespace, tasks: list[str]) -> None:
     if args.save_dataset and Path(args.save_dataset).exists() and any(Path(args.save_dataset).iterdir()):
         raise _BadInput(f"--save-dataset {args.save_dataset} exists and is not empty: choose another folder")
     for env_id in tasks:
-        if env_id in list_envs() and env_id not in list_task_envs():
-            raise _BadInput(f"{env_id} is not a single-turn task env; evaluate a multi-turn game with its "
-                            "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")  # fmt: skip
+        if _multi_turn(env_id) and not args.base_url:
+            raise _BadInput(f"{env_id} is a multi-turn env: evaluate it through an endpoint (--base-url), or a "
+                            "local player with its module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")
+
+
+def _multi_turn(env_id: str) -> bool:
+    return env_id in list_envs() and env_id not in list_task_envs()
 
 
 def _api_key(args: argparse.Namespace) -> str:
@@ -150,63 +154,111 @@ def _local_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any], 
     return records
 
 
-def _endpoint_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
-    """An endpoint's records: cached answers first, then the missing ones, logged as they arrive."""
-    from llm_gym.endpoint import Answer, EndpointConfig, Request, complete_all
-    from llm_gym.request_cache import RequestCache, request_key
+class _EndpointRun:
+    """One endpoint eval's client, request cache, rollout log and progress bar."""
 
-    config = EndpointConfig(
-        base_url=args.base_url, model=args.model, api_key=_api_key(args), concurrency=args.concurrency,
-        timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff, temperature=args.temperature,
-        max_tokens=args.max_new_tokens,
-    )  # fmt: skip
+    def __init__(self, args: argparse.Namespace, store: Any, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        from llm_gym.endpoint import EndpointConfig
+        from llm_gym.request_cache import RequestCache
+
+        self.config = EndpointConfig(
+            base_url=args.base_url, model=args.model, api_key=_api_key(args), concurrency=args.concurrency,
+            timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff, temperature=args.temperature,
+            max_tokens=args.max_new_tokens,
+        )  # fmt: skip
+        self.cache = None if args.no_cache else RequestCache()
+        self.store = store
+        self.client: Any = None
+        self.bar = tqdm(total=total, desc=args.model, unit="rollout", disable=None)
+        self.start, self.tokens, self.errors = time.perf_counter(), 0, 0
+
+    async def ask(self, key: Any, messages: Any, sample: int) -> Any:
+        """One answer: from the cache, else from the endpoint (then cached when it succeeded)."""
+        from llm_gym.endpoint import Answer, Request
+        from llm_gym.request_cache import request_key
+
+        cache_key = request_key(self.config.base_url, self.config.model, messages, self.config.sampling, sample)
+        hit = self.cache.get(cache_key) if self.cache is not None else None
+        if hit is not None:
+            return Answer(key, hit["text"], hit.get("completion_tokens"), attempts=0)
+        answer = await self.client.ask(Request(key, messages))
+        if answer.error is None and self.cache is not None:
+            self.cache.put(cache_key, {"text": answer.text, "completion_tokens": answer.completion_tokens})
+        self.tokens += answer.completion_tokens or 0
+        self.errors += answer.error is not None
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tok_s=f"{rate:.0f}", errors=self.errors, refresh=False)
+        return answer
+
+    def log(self, record: RolloutRecord) -> None:
+        """Append a finished rollout to the log and advance the bar."""
+        self.store.append(record)
+        self.bar.update(1)
+
+    def run(self, work: Any) -> None:
+        """Run ``work()`` (a coroutine function) with a live client."""
+        from llm_gym.endpoint import EndpointClient
+
+        async def main() -> None:
+            self.client = EndpointClient(self.config)
+            try:
+                await work()
+            finally:
+                await self.client.close()
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.bar.close()
+        logger.info("%d cache hits", self.cache.hits if self.cache is not None else 0)
+
+
+def _pending(store: Any, n: int, samples: int) -> list[tuple[int, int]]:
+    done = store.done
+    return [(i, s) for i in range(n) for s in range(samples) if f"{i}:{s}" not in done]
+
+
+def _endpoint_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
+    """A task's records from an endpoint: each answer scored and logged as it arrives."""
+    from llm_gym.endpoint import gather_or_cancel
+
     rubric, prefill = task.rubric.copy(), task.template.prefill
     rows = _problems(task, args, knobs)
-    cache = None if args.no_cache else RequestCache()
-    done = store.done
-    pending: list[Request] = []
-    keys: dict[tuple[int, int], str] = {}
+    keys = _pending(store, len(rows), args.rollouts)
+    run = _EndpointRun(args, store, len(keys))
 
-    def record(i: int, s: int, text: str | None, tokens: int | None, error: str | None) -> RolloutRecord:
+    async def one(i: int, s: int) -> None:
         messages = task.template.render(rows[i])
-        if error is not None:
-            return failed_record(i, s, rows[i], messages, error)
-        return scored_record(i, s, rows[i], messages, text or "", rubric.score(text or "", rows[i], prefill),
-                             task.correct_part, tokens)  # fmt: skip
+        answer = await run.ask((i, s), messages, s)
+        if answer.error is not None:
+            run.log(failed_record(i, s, rows[i], messages, answer.error))
+        else:
+            score = rubric.score(answer.text or "", rows[i], prefill)
+            run.log(scored_record(i, s, rows[i], messages, answer.text or "", score, task.correct_part,
+                                  answer.completion_tokens))  # fmt: skip
 
-    for i, row in enumerate(rows):
-        messages = task.template.render(row)
-        for s in range(args.rollouts):
-            if f"{i}:{s}" in done:
-                continue
-            keys[i, s] = request_key(config.base_url, config.model, messages, config.sampling, s)
-            hit = cache.get(keys[i, s]) if cache is not None else None
-            if hit is not None:
-                store.append(record(i, s, hit["text"], hit.get("completion_tokens"), None))
-            else:
-                pending.append(Request((i, s), messages))
-    logger.info("%d answers done, %d from the cache, %d to ask", len(done), cache.hits if cache else 0, len(pending))
+    run.run(lambda: gather_or_cancel([one(i, s) for i, s in keys]))
+    return store.records()
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pending), desc=f"{args.model}", unit="req", disable=None)
-    start, tokens, errors = time.perf_counter(), 0, 0
+def _endpoint_episodes(env_id: str, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
+    """A multi-turn env's records from an endpoint: one per episode (:mod:`llm_gym.game_eval`)."""
+    import gymnasium as gym
 
-    def on_answer(answer: Answer) -> None:
-        nonlocal tokens, errors
-        i, s = answer.key
-        store.append(record(i, s, answer.text, answer.completion_tokens, answer.error))
-        if answer.error is None and cache is not None:
-            cache.put(keys[i, s], {"text": answer.text, "completion_tokens": answer.completion_tokens})
-        tokens += answer.completion_tokens or 0
-        errors += answer.error is not None
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}", errors=errors)
+    from llm_gym.game_eval import play_episodes
+
+    def make_env() -> Any:
+        return gym.make(env_id, split=args.split, size=args.num_problems, seed=args.seed, **knobs).unwrapped
 
     try:
-        asyncio.run(complete_all(pending, config, on_answer))
-    finally:
-        bar.close()
+        make_env()
+    except (TypeError, ValueError) as err:
+        raise _BadInput(f"{env_id}: {err}") from None
+    keys = _pending(store, args.num_problems, args.rollouts)
+    run = _EndpointRun(args, store, len(keys))
+    run.run(lambda: play_episodes(make_env, keys, run.ask, run.log))
     return store.records()
 
 
@@ -240,7 +292,7 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
             loaded = ModelPolicy.from_pretrained(args.model, args.max_new_tokens or 128)
         rows = []
         for env_id in tasks:
-            task = get_task(env_id)
+            task = None if _multi_turn(env_id) else get_task(env_id)
             run = {"task": env_id, "task_kwargs": task_kwargs, "split": args.split, "seed": args.seed,
                    "n": args.num_problems, "r": args.rollouts, "dataset": args.dataset, "model": args.model,
                    "base_url": args.base_url, "temperature": args.temperature if args.base_url else None,
@@ -248,7 +300,10 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
             store = RolloutStore(out, run, resume=args.resume) if out else None
             if args.base_url:
                 with store:
-                    records = _endpoint_records(task, args, task_kwargs, store)
+                    if task is None:
+                        records = _endpoint_episodes(env_id, args, task_kwargs, store)
+                    else:
+                        records = _endpoint_records(task, args, task_kwargs, store)
             else:
                 records = _local_records(task, args, task_kwargs, loaded)
                 if store is not None:

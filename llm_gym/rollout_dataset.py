@@ -4,7 +4,8 @@ One row per scored rollout (failed requests have no answer and are left out; the
 them). Columns:
 
 * ``prompt``: the messages sent (role/content; a final assistant message is the template's prefill);
-* ``completion``: ``[{"role": "assistant", "content": <answer>}]``;
+* ``completion``: ``[{"role": "assistant", "content": <answer>}]``; for a multi-turn episode every
+  message after the prompt (the model's turns and the env's replies), ending on the model's last turn;
 * ``reward`` (total, float), ``correct`` (bool, exact accuracy);
 * one float column per rubric part (``format``, ``equation``...);
 * ``problem_index`` and ``sample`` (which problem of the split, which of its ``R`` samples);
@@ -37,7 +38,7 @@ def rollout_rows(records: Sequence[RolloutRecord]) -> list[dict[str, Any]]:
     for r in sorted((r for r in records if not r.failed), key=lambda r: (r.problem, r.sample)):
         row: dict[str, Any] = {
             "prompt": r.prompt,
-            "completion": [{"role": "assistant", "content": r.completion or ""}],
+            "completion": r.messages,
             "reward": float(r.reward or 0.0),
             "correct": bool(r.correct),
         }

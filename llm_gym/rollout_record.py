@@ -42,6 +42,9 @@ class RolloutRecord:
         error: Why the request failed (after its retries), else ``None``. A failed request is
             counted and shown, never scored as a wrong answer.
         columns: The problem's own columns.
+        completion_messages: A multi-turn episode's messages after the prompt (the model's turns and
+            the env's replies, ending on the model's last turn); ``None`` for a single answer, whose
+            completion is the one assistant message ``completion``.
     """
 
     problem: int
@@ -54,11 +57,19 @@ class RolloutRecord:
     completion_tokens: int | None = None
     error: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    completion_messages: list[dict[str, str]] | None = None
 
     @property
     def key(self) -> str:
         """``"<problem>:<sample>"``, unique within an evaluation."""
         return f"{self.problem}:{self.sample}"
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The completion as chat messages (the dataset's ``completion`` column)."""
+        if self.completion_messages is not None:
+            return [dict(m) for m in self.completion_messages]
+        return [{"role": "assistant", "content": self.completion or ""}]
 
     @property
     def failed(self) -> bool:
