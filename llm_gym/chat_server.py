@@ -102,7 +102,7 @@ def model_responder(model_path: str, name: str | None = None, seed: int = 0) -> 
         new = out[0, prompt.shape[1] :].tolist()
         if new and new[-1] == tokenizer.eos_token_id:
             new = new[:-1]
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = str(tokenizer.decode(new, skip_special_tokens=True))
         return Reply(body=completion_body(served, text, prompt.shape[1], len(new)))
 
     return respond
@@ -181,7 +181,7 @@ class ChatServer:
     def base_url(self) -> str:
         """``http://host:port/v1``."""
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
     def start(self) -> ChatServer:
         """Serve in a daemon thread."""

@@ -22,6 +22,7 @@ import llm_gym
 from llm_gym.data_command import add_data_parser
 from llm_gym.eval_command import add_endpoint_args
 from llm_gym.registry import env_description, list_envs
+from llm_gym.sft_command import add_sft_parser
 from llm_gym.table import format_table, held_out_table
 
 __all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_endpoint_args(p_eval)
     p_eval.set_defaults(func=_cmd_eval)
     add_data_parser(sub)
+    add_sft_parser(sub)
 
     p_train = sub.add_parser(
         "train", help="train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"

@@ -299,12 +299,14 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
                    "max_tokens": args.max_new_tokens}  # fmt: skip
             store = RolloutStore(out, run, resume=args.resume) if out else None
             if args.base_url:
+                assert store is not None  # an endpoint eval always logs (out defaults to evals/<time>)
                 with store:
                     if task is None:
                         records = _endpoint_episodes(env_id, args, task_kwargs, store)
                     else:
                         records = _endpoint_records(task, args, task_kwargs, store)
             else:
+                assert task is not None  # _check refused a multi-turn env without --base-url
                 records = _local_records(task, args, task_kwargs, loaded)
                 if store is not None:
                     with store:

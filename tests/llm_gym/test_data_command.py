@@ -116,3 +116,18 @@ def test_a_local_model_with_samples_goes_through_the_same_records(oracle_data, t
     local = load_rollouts(tmp_path / "local")
     assert local.column_names == load_rollouts(folder).column_names
     assert sorted(zip(local["problem_index"], local["sample"])) == [(i, s) for i in range(4) for s in range(2)]
+
+
+def test_sft_command_trains_on_a_saved_dataset_and_saves_the_model(oracle_data, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = oracle_data
+    out = tmp_path / "warm"
+    assert main(["sft", "--dataset", str(folder), "--output-dir", str(out), "--steps", "3", "--batch-size", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "4 examples (100.0% within 512 tokens), 3 steps: loss" in line
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert main(["sft", "--dataset", str(folder), "--output-dir", str(out), "--steps", "3"]) == 2
+    assert "exists and is not empty: choose another folder" in capsys.readouterr().err
+    assert main(["sft", "--dataset", str(tmp_path / "none"), "--output-dir", str(tmp_path / "w2")]) == 2
+    assert "is not a saved dataset" in capsys.readouterr().err and not (tmp_path / "w2").exists()
