@@ -68,6 +68,9 @@ def test_games_through_an_endpoint_score_as_the_same_player_locally(tmp_path, ca
         assert row["correct"] == (row["problem_outcome"] == "win")  # info["outcome"], renamed beside the part
     records = [json.loads(x) for x in (tmp_path / "o" / "rollouts.jsonl").read_text().splitlines()]
     assert len(records) == n
+    assert main(["data", "filter", str(tmp_path / "ds"), "--where", "correct and format == 1",
+                 "--out", str(tmp_path / "wins")]) == 0  # fmt: skip
+    assert f"kept {local.wins} of {n} rows" in capsys.readouterr().out
 
     # the games' dataset feeds SFT: one example per assistant turn, each prompt what the model saw then
     from transformers import AutoTokenizer
