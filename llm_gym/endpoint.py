@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Answer", "EndpointClient", "EndpointConfig", "EndpointFatal", "Request", "complete_all", "gather_or_cancel"]
@@ -49,7 +49,7 @@ class EndpointConfig:
 
     base_url: str
     model: str
-    api_key: str = "EMPTY"
+    api_key: str = field(default="EMPTY", repr=False)  # never in a log line
     concurrency: int = 8
     timeout: float = 120.0
     max_retries: int = 3

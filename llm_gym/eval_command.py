@@ -50,6 +50,10 @@ def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     parser.add_argument("--max-retries", type=int, default=3, help="retries of a failed request (429, 5xx, ...)")
     parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, then doubled")
+    parser.add_argument("--prefill", choices=("continue", "drop"), default="continue",
+                        help="a template's assistant prefill: 'continue' asks the server to continue it (vLLM, SGLang: "
+                        "continue_final_message); 'drop' sends the conversation without it and scores the answer as "
+                        "a whole assistant turn (for hosted APIs, which cannot continue a message)")  # fmt: skip
     parser.add_argument("--out", help="folder of the rollout log (rollouts.jsonl); default evals/<time> with "
                         "--base-url, none otherwise")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the eval in --out: finished answers are "
@@ -225,12 +229,15 @@ def _endpoint_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any
     from llm_gym.endpoint import gather_or_cancel
 
     rubric, prefill = task.rubric.copy(), task.template.prefill
+    drop = args.prefill == "drop" and bool(prefill)
+    prefill = "" if drop else prefill  # a dropped prefill: the answer is the whole assistant turn
     rows = _problems(task, args, knobs)
     keys = _pending(store, len(rows), args.rollouts)
     run = _EndpointRun(args, store, len(keys))
 
     async def one(i: int, s: int) -> None:
         messages = task.template.render(rows[i])
+        messages = messages[:-1] if drop else messages
         answer = await run.ask((i, s), messages, s)
         if answer.error is not None:
             run.log(failed_record(i, s, rows[i], messages, answer.error))
@@ -296,7 +303,7 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
             run = {"task": env_id, "task_kwargs": task_kwargs, "split": args.split, "seed": args.seed,
                    "n": args.num_problems, "r": args.rollouts, "dataset": args.dataset, "model": args.model,
                    "base_url": args.base_url, "temperature": args.temperature if args.base_url else None,
-                   "max_tokens": args.max_new_tokens}  # fmt: skip
+                   "max_tokens": args.max_new_tokens, "prefill": args.prefill if args.base_url else None}  # fmt: skip
             store = RolloutStore(out, run, resume=args.resume) if out else None
             if args.base_url:
                 assert store is not None  # an endpoint eval always logs (out defaults to evals/<time>)

@@ -50,6 +50,7 @@ class ScriptedServer(ChatServer):
         self.rows = problems(n)
         self.by_question = {row["question"]: i for i, row in enumerate(self.rows)}
         self.asked: Counter[int] = Counter()
+        self.bodies: list[dict[str, Any]] = []
         self.delay = delay
         self._count_lock = threading.Lock()
         super().__init__(self._respond, MODEL)
@@ -59,6 +60,7 @@ class ScriptedServer(ChatServer):
         question = next(m["content"] for m in body["messages"] if m["role"] == "user")
         i = self.by_question[question]
         with self._count_lock:
+            self.bodies.append(dict(body))
             self.asked[i] += 1
             attempt = self.asked[i]
         out = self.script(i, attempt)

@@ -215,3 +215,29 @@ def test_bad_input_is_one_line_naming_the_fix_status_2_and_writes_nothing(tmp_pa
         assert code == 2, (args, err)
         assert len(err.splitlines()) == 1 and expected in err, (args, err)
         assert list(work.iterdir()) == [], (args, list(work.iterdir()))  # nothing written, cache included
+
+
+def test_a_prefill_is_continued_by_default_or_dropped_for_apis_that_cannot_continue(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    from tests.endpoint_servers import problems
+
+    rows = problems(2)
+    answers = {
+        "continue": lambda i, attempt: right(rows[i]),  # continues "...step by step.\n<think>"
+        "drop": lambda i, attempt: "<think>" + right(rows[i]),  # a whole turn must open with <think> itself
+    }
+    for mode in ("continue", "drop"):
+        with ScriptedServer(2, answers[mode]) as server:
+            assert main(["eval", "--task", TASK, "--base-url", server.base_url, "--model", MODEL, "-n", "2",
+                         "--prefill", mode, "--out", str(tmp_path / mode)]) == 0  # fmt: skip
+            bodies = server.bodies
+        table = _rows(capsys.readouterr().out)
+        assert table["format"] == 1.0 and table["exact accuracy"] == 1.0
+        last = {b["messages"][-1]["role"] for b in bodies}
+        if mode == "continue":
+            assert last == {"assistant"} and all(b.get("continue_final_message") is True for b in bodies)
+            assert all(b.get("add_generation_prompt") is False for b in bodies)
+        else:
+            assert last == {"user"} and not any("continue_final_message" in b for b in bodies)
+    record = json.loads((tmp_path / "drop" / "rollouts.jsonl").read_text().splitlines()[0])
+    assert record["prompt"][-1]["role"] == "user" and record["completion"].startswith("<think>")
