@@ -102,9 +102,9 @@ def _check(args: argparse.Namespace, tasks: list[str]) -> None:
     if args.save_dataset and Path(args.save_dataset).exists() and any(Path(args.save_dataset).iterdir()):
         raise _BadInput(f"--save-dataset {args.save_dataset} exists and is not empty: choose another folder")
     for env_id in tasks:
-        if _multi_turn(env_id) and not args.base_url:
-            raise _BadInput(f"{env_id} is a multi-turn env: evaluate it through an endpoint (--base-url), or a "
-                            "local player with its module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")
+        if _multi_turn(env_id) and not args.model:
+            raise _BadInput(f"{env_id} is a multi-turn env with no oracle here: pass --model PATH (a local model "
+                            "or an elite) or --base-url URL --model NAME")  # fmt: skip
 
 
 def _multi_turn(env_id: str) -> bool:
@@ -250,11 +250,9 @@ def _endpoint_records(task: Task, args: argparse.Namespace, knobs: dict[str, Any
     return store.records()
 
 
-def _endpoint_episodes(env_id: str, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
-    """A multi-turn env's records from an endpoint: one per episode (:mod:`llm_gym.game_eval`)."""
+def _episode_env(env_id: str, args: argparse.Namespace, knobs: dict[str, Any]) -> Any:
+    """A factory of fresh envs over the split's first ``-n`` episodes (checked once here)."""
     import gymnasium as gym
-
-    from llm_gym.game_eval import play_episodes
 
     def make_env() -> Any:
         return gym.make(env_id, split=args.split, size=args.num_problems, seed=args.seed, **knobs).unwrapped
@@ -263,10 +261,46 @@ def _endpoint_episodes(env_id: str, args: argparse.Namespace, knobs: dict[str, A
         make_env()
     except (TypeError, ValueError) as err:
         raise _BadInput(f"{env_id}: {err}") from None
+    return make_env
+
+
+def _endpoint_episodes(env_id: str, args: argparse.Namespace, knobs: dict[str, Any], store: Any) -> list[RolloutRecord]:
+    """A multi-turn env's records from an endpoint: one per episode (:mod:`llm_gym.game_eval`)."""
+    from llm_gym.game_eval import play_episodes
+
+    make_env = _episode_env(env_id, args, knobs)
     keys = _pending(store, args.num_problems, args.rollouts)
     run = _EndpointRun(args, store, len(keys))
     run.run(lambda: play_episodes(make_env, keys, run.ask, run.log))
     return store.records()
+
+
+def _local_episodes(env_id: str, args: argparse.Namespace, knobs: dict[str, Any], loaded: Any) -> list[RolloutRecord]:
+    """A multi-turn env played by a local model, turn by turn, into the same records as an endpoint's."""
+    import torch
+
+    from llm_gym.endpoint import Answer
+    from llm_gym.game_eval import play_episodes
+
+    policy, tokenizer = loaded
+    if policy is None:
+        raise _BadInput(f"{env_id} is a multi-turn env with no oracle here: pass --model PATH (a local model or "
+                        "an elite) or --base-url URL --model NAME")  # fmt: skip
+    make_env = _episode_env(env_id, args, knobs)
+    torch.manual_seed(args.seed)
+
+    async def ask(key: Any, messages: Any, sample: int) -> Answer:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)  # [1, L]
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        completions, masks = policy.get_action([prompt], training=args.rollouts > 1, group_size=1)
+        new = completions[0][0, ids.shape[1] :]  # the model's turn after the prompt
+        return Answer(key, tokenizer.decode(new, skip_special_tokens=True), int(masks[0][0].sum()))
+
+    records: list[RolloutRecord] = []
+    keys = [(i, s) for i in range(args.num_problems) for s in range(args.rollouts)]
+    asyncio.run(play_episodes(make_env, keys, ask, records.append))
+    return sorted(records, key=lambda r: (r.problem, r.sample))
 
 
 def _table_rows(env_id: str, policy: str, split: str, report: EvalReport) -> list[tuple[Any, ...]]:
@@ -313,8 +347,10 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
                     else:
                         records = _endpoint_records(task, args, task_kwargs, store)
             else:
-                assert task is not None  # _check refused a multi-turn env without --base-url
-                records = _local_records(task, args, task_kwargs, loaded)
+                if task is None:
+                    records = _local_episodes(env_id, args, task_kwargs, loaded)
+                else:
+                    records = _local_records(task, args, task_kwargs, loaded)
                 if store is not None:
                     with store:
                         store.extend(records)

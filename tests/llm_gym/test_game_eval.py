@@ -84,6 +84,26 @@ def test_games_through_an_endpoint_score_as_the_same_player_locally(tmp_path, ca
     assert all(e.completion.startswith("<think>first best move</think><move>") for e in examples)
 
 
-def test_a_multi_turn_env_without_an_endpoint_names_the_fix(capsys):
+def test_a_multi_turn_env_without_a_model_names_the_fix(capsys):
     assert main(["eval", "--task", ENV_ID, "-n", "2"]) == 2
-    assert "is a multi-turn env: evaluate it through an endpoint (--base-url)" in capsys.readouterr().err
+    assert "is a multi-turn env with no oracle here: pass --model PATH" in capsys.readouterr().err
+
+
+def test_a_local_model_plays_the_games_into_the_same_records_as_an_endpoint(tmp_path, capsys, monkeypatch):
+    """The tiny model served over HTTP (greedy) and loaded locally (greedy) play the same games the same way."""
+    from llm_gym.chat_server import model_responder
+    from llm_gym.tiny import tiny_model_path
+
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    model = str(tiny_model_path("tiny"))
+    common = ["eval", "--task", ENV_ID, "-n", "2", "--max-tokens", "6", "--task-kwargs", "max_turns=2"]
+    assert main([*common, "--model", model, "--save-dataset", str(tmp_path / "local")]) == 0
+    local = _rows(capsys.readouterr().out)
+    with ChatServer(model_responder(model, "tiny"), "tiny") as server:
+        assert main([*common, "--base-url", server.base_url, "--model", "tiny", "--temperature", "0",
+                     "--save-dataset", str(tmp_path / "api"), "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    api = _rows(capsys.readouterr().out)
+    assert local == api and local["rollouts"] == 2 and local["mean completion tokens"] > 0
+    a, b = load_rollouts(tmp_path / "local"), load_rollouts(tmp_path / "api")
+    assert a.column_names == b.column_names and a["completion"] == b["completion"]
+    assert all(len(c) >= 3 for c in a["completion"])  # two model turns and the env's reply between them
