@@ -64,7 +64,8 @@ def _cmd_lengths(args: argparse.Namespace) -> int:
         return _fail(f"--tokenizer {args.tokenizer}: cannot load it ({str(err).splitlines()[0]}); pass a local "
                      "folder or hub id of a tokenizer with a chat template")  # fmt: skip
     try:
-        report = length_report(dataset_examples(data, tokenizer), tokenizer, args.seq_len)
+        # one example per row: a multi-turn row's last turn example holds its whole conversation
+        report = length_report([dataset_examples([row], tokenizer)[-1] for row in data], tokenizer, args.seq_len)
     except ValueError as err:
         return _fail(str(err))
     print(f"{report.count} conversations: longest {report.max_length} tokens, mean {report.mean_length:.1f}; "

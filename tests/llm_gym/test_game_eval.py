@@ -107,3 +107,15 @@ def test_a_local_model_plays_the_games_into_the_same_records_as_an_endpoint(tmp_
     a, b = load_rollouts(tmp_path / "local"), load_rollouts(tmp_path / "api")
     assert a.column_names == b.column_names and a["completion"] == b["completion"]
     assert all(len(c) >= 3 for c in a["completion"])  # two model turns and the env's reply between them
+    # lengths: one per game (not per turn): everything before its last turn, that turn, and the end of turn
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+
+    def n_tokens(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    whole = [n_tokens(tok.apply_chat_template(list(p) + list(c[:-1]), tokenize=False, add_generation_prompt=True))
+             + n_tokens(c[-1]["content"]) + 1 for p, c in zip(a["prompt"], a["completion"])]  # fmt: skip
+    assert main(["data", "lengths", str(tmp_path / "local"), "--tokenizer", model, "--seq-len", "4096"]) == 0
+    assert capsys.readouterr().out.startswith(f"2 conversations: longest {max(whole)} tokens")
