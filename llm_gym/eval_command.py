@@ -357,16 +357,22 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
             report = summarize(records, args.rollouts)
             rows += _table_rows(env_id, args.model or "oracle", args.split, report)
             logger.info("%s: %s", env_id, report)
-            if args.save_dataset:
+            saved = False
+            if args.save_dataset and report.rollouts:
                 from llm_gym.rollout_dataset import save_rollouts
 
                 save_rollouts(records, args.save_dataset)
+                saved = True
     except (_BadInput, EndpointFatal, StoreError) as err:
         print(f"llm-gym eval: {err}", file=sys.stderr)
         return 2
     print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
     if out:
         print(f"rollouts: {Path(out) / 'rollouts.jsonl'}")
+    if args.save_dataset and not saved:  # not bad input: the endpoint answered nothing
+        print(f"llm-gym eval: every request failed, so there is no dataset to save in {args.save_dataset}; "
+              f"see the errors in {Path(out or '.') / 'rollouts.jsonl'} and rerun with --resume", file=sys.stderr)
+        return 1
     if args.save_dataset:
         print(f"dataset: {args.save_dataset}")
     return 0

@@ -241,3 +241,30 @@ def test_a_prefill_is_continued_by_default_or_dropped_for_apis_that_cannot_conti
             assert last == {"user"} and not any("continue_final_message" in b for b in bodies)
     record = json.loads((tmp_path / "drop" / "rollouts.jsonl").read_text().splitlines()[0])
     assert record["prompt"][-1]["role"] == "user" and record["completion"].startswith("<think>")
+
+
+def test_when_every_request_fails_the_failures_are_shown_and_resume_asks_them_again(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    from tests.endpoint_servers import problems
+
+    rows = problems(2)
+    healthy = [False]
+
+    def script(i, attempt):
+        return right(rows[i]) if healthy[0] else Reply(status=502, body={"error": {"message": "bad gateway"}})
+
+    with ScriptedServer(2, script) as server:
+        argv = ["eval", "--task", TASK, "--base-url", server.base_url, "--model", MODEL, "-n", "2",
+                "--max-retries", "1", "--backoff", "0.01", "--out", str(tmp_path / "o"),
+                "--save-dataset", str(tmp_path / "ds")]  # fmt: skip
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        table = _rows(captured.out)
+        assert table["rollouts"] == 0 and table["failed requests"] == 2
+        assert "every request failed, so there is no dataset to save" in captured.err
+        assert not (tmp_path / "ds").exists()
+        assert dict(server.asked) == {0: 2, 1: 2}  # one retry each, then recorded as failed
+        healthy[0] = True
+        assert main([*argv, "--resume"]) == 0  # the failed ones are asked again, and now answered
+        assert _rows(capsys.readouterr().out)["rollouts"] == 2 and dict(server.asked) == {0: 3, 1: 3}
+    assert len(load_rollouts(tmp_path / "ds")) == 2
