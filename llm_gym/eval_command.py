@@ -89,6 +89,11 @@ def _check(args: argparse.Namespace, tasks: list[str]) -> None:
         raise _BadInput(f"-n {args.num_problems}: evaluate at least one problem (-n 1 or more)")
     if args.concurrency < 1:
         raise _BadInput(f"--concurrency {args.concurrency}: allow at least one request in flight")
+    if not args.timeout > 0 or args.max_retries < 0 or args.backoff < 0:
+        raise _BadInput(f"--timeout {args.timeout} must be positive seconds, --max-retries {args.max_retries} and "
+                        f"--backoff {args.backoff} at least 0")  # fmt: skip
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise _BadInput(f"--max-tokens {args.max_new_tokens}: allow at least one completion token")
     if args.base_url and not args.model:
         raise _BadInput("--base-url needs --model NAME: the model name the server serves")
     writes = [flag for flag, on in (("--out", args.out), ("--save-dataset", args.save_dataset),
