@@ -6,8 +6,9 @@ evaluation can be exercised end to end over real HTTP without the network or a v
     with ChatServer(model_responder(tiny_model_path("tiny")), model="tiny") as server:
         ...  # llm-gym eval --base-url {server.base_url} --model tiny
 
-It is not a production server: one model, requests answered one at a time by the model, no
-streaming. Use vLLM or SGLang for real work.
+It is not a production server: one model, requests answered one at a time by the model, and a
+streamed answer (``stream: true``) is sent word by word after it is complete. Use vLLM or SGLang
+for real work.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Reply:
         headers: Extra headers (e.g. ``Retry-After``).
         delay: Seconds to wait before answering (past the client's timeout: a timeout).
         drop: Close the connection without an answer (a dropped connection).
+        drop_after: For a streamed answer, close the connection after this many chunks (a stream cut
+            short).
     """
 
     status: int = 200
@@ -43,6 +46,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    drop_after: int | None = None
 
 
 Responder = Callable[[Mapping[str, Any]], Reply]
@@ -169,9 +173,36 @@ class ChatServer:
                     self.close_connection = True
                     return
                 try:
-                    self._send(reply)
+                    if body.get("stream") and reply.status == 200:
+                        self._stream(reply, bool((body.get("stream_options") or {}).get("include_usage")))
+                    else:
+                        self._send(reply)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
                     pass
+
+            def _stream(self, reply: Reply, include_usage: bool) -> None:
+                """Server-sent events: one ``chat.completion.chunk`` per word of the answer, then ``[DONE]``."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()  # no Content-Length: the stream ends when the connection closes (HTTP/1.0)
+                text = reply.body["choices"][0]["message"]["content"]
+                pieces = [p for p in text.replace(" ", " \0").split("\0") if p]
+                base = {"id": reply.body["id"], "object": "chat.completion.chunk", "created": reply.body["created"],
+                        "model": reply.body["model"]}  # fmt: skip
+                for k, piece in enumerate(pieces):
+                    if reply.drop_after is not None and k >= reply.drop_after:
+                        self.close_connection = True
+                        return
+                    chunk = {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                end = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(end)}\n\n".encode())
+                if include_usage:
+                    usage = {**base, "choices": [], "usage": reply.body["usage"]}
+                    self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True

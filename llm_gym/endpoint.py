@@ -18,9 +18,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Answer", "EndpointClient", "EndpointConfig", "EndpointFatal", "Request", "complete_all", "gather_or_cancel"]
+__all__ = ["Answer", "EndpointClient", "EndpointConfig", "EndpointFatal", "Request", "StreamCut", "complete_all", "gather_or_cancel"]
 
 logger = logging.getLogger(__name__)
+
+
+class StreamCut(ConnectionError):
+    """A streamed answer ended before its final chunk (retried like a dropped connection)."""
 
 
 class EndpointFatal(RuntimeError):
@@ -45,6 +49,8 @@ class EndpointConfig:
         continue_prefill: When the conversation ends with an assistant prefill, ask the server to
             continue it (``continue_final_message``, as vLLM and SGLang accept) instead of
             starting a new assistant turn.
+        stream: Stream each answer (``stream=True``), so progress counts tokens as they arrive; a
+            stream cut short is retried like a dropped connection.
     """
 
     base_url: str
@@ -58,6 +64,7 @@ class EndpointConfig:
     temperature: float = 1.0
     max_tokens: int | None = None
     continue_prefill: bool = True
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -132,7 +139,13 @@ class EndpointClient:
             base_url=config.base_url, api_key=config.api_key, timeout=config.timeout, max_retries=0
         )
         self.fatal = (openai.NotFoundError, openai.AuthenticationError, openai.PermissionDeniedError)
-        self.retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+        import httpx
+
+        # httpx's transport errors: a stream cut short surfaces from the iteration, not wrapped by openai
+        self.retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
+                          httpx.TransportError, StreamCut)  # fmt: skip
+        self.on_tokens: Callable[[Any, int], None] | None = None
+        """Called as ``on_tokens(key, n)`` when a stream delivers ``n`` more chunks (about one token each)."""
         self._gate: asyncio.Semaphore | None = None
         self._first: asyncio.Event | None = None
         self._started = False
@@ -183,6 +196,9 @@ class EndpointClient:
         error = ""
         for attempt in range(c.max_retries + 1):
             try:
+                if c.stream:
+                    text, tokens = await self._streamed(kwargs, request.key)
+                    return Answer(request.key, text, tokens, attempts=attempt + 1, seconds=time.perf_counter() - start)
                 reply = await self.client.chat.completions.create(**kwargs)
             except self.fatal as err:
                 raise EndpointFatal(self._fatal_message(err)) from None
@@ -203,6 +219,27 @@ class EndpointClient:
             tokens = reply.usage.completion_tokens if reply.usage is not None else None
             return Answer(request.key, text or "", tokens, attempts=attempt + 1, seconds=time.perf_counter() - start)
         return Answer(request.key, None, error=error, attempts=c.max_retries + 1, seconds=time.perf_counter() - start)
+
+    async def _streamed(self, kwargs: dict[str, Any], key: Any) -> tuple[str, int | None]:
+        """One streamed completion: its text and the server's token count (else the chunk count)."""
+        stream = await self.client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+        pieces: list[str] = []
+        usage: int | None = None
+        finished = False
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+            delta = chunk.choices[0].delta.content if chunk.choices else None
+            if delta:
+                pieces.append(delta)
+                if self.on_tokens is not None:
+                    self.on_tokens(key, 1)
+        if not finished:  # the connection closed before the final chunk: a partial answer is no answer
+            raise StreamCut(f"the stream ended after {len(pieces)} chunks without a finish_reason")
+        return "".join(pieces), usage if usage is not None else len(pieces)
 
     async def close(self) -> None:
         """Close the HTTP connections."""

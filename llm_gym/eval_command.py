@@ -54,6 +54,8 @@ def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
                         help="a template's assistant prefill: 'continue' asks the server to continue it (vLLM, SGLang: "
                         "continue_final_message); 'drop' sends the conversation without it and scores the answer as "
                         "a whole assistant turn (for hosted APIs, which cannot continue a message)")  # fmt: skip
+    parser.add_argument("--stream", action="store_true",
+                        help="stream the answers: the progress bar counts tokens as they arrive")
     parser.add_argument("--out", help="folder of the rollout log (rollouts.jsonl); default evals/<time> with "
                         "--base-url, none otherwise")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the eval in --out: finished answers are "
@@ -175,7 +177,7 @@ class _EndpointRun:
         self.config = EndpointConfig(
             base_url=args.base_url, model=args.model, api_key=_api_key(args), concurrency=args.concurrency,
             timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff, temperature=args.temperature,
-            max_tokens=args.max_new_tokens,
+            max_tokens=args.max_new_tokens, stream=args.stream,
         )  # fmt: skip
         self.cache = None if args.no_cache else RequestCache()
         self.store = store
@@ -195,11 +197,20 @@ class _EndpointRun:
         answer = await self.client.ask(Request(key, messages))
         if answer.error is None and self.cache is not None:
             self.cache.put(cache_key, {"text": answer.text, "completion_tokens": answer.completion_tokens})
-        self.tokens += answer.completion_tokens or 0
+        if not self.config.stream:  # a stream counted its tokens as they came (_on_tokens)
+            self.tokens += answer.completion_tokens or 0
         self.errors += answer.error is not None
+        self._postfix()
+        return answer
+
+    def _postfix(self) -> None:
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix(tok_s=f"{rate:.0f}", errors=self.errors, refresh=False)
-        return answer
+
+    def _on_tokens(self, key: Any, n: int) -> None:
+        self.tokens += n
+        self._postfix()
+        self.bar.refresh()
 
     def log(self, record: RolloutRecord) -> None:
         """Append a finished rollout to the log and advance the bar."""
@@ -212,6 +223,7 @@ class _EndpointRun:
 
         async def main() -> None:
             self.client = EndpointClient(self.config)
+            self.client.on_tokens = self._on_tokens
             try:
                 await work()
             finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_gym.chat_server import ChatServer, Reply, model_responder
+from llm_gym.chat_server import ChatServer, Reply, completion_body, model_responder
 from llm_gym.cli import main
 from llm_gym.endpoint import EndpointConfig, EndpointFatal, Request, complete_all
 from llm_gym.rollout_dataset import load_rollouts
@@ -271,3 +271,45 @@ def test_when_every_request_fails_the_failures_are_shown_and_resume_asks_them_ag
         assert main([*argv, "--resume"]) == 0  # the failed ones are asked again, and now answered
         assert _rows(capsys.readouterr().out)["rollouts"] == 2 and dict(server.asked) == {0: 3, 1: 3}
     assert len(load_rollouts(tmp_path / "ds")) == 2
+
+
+def test_streamed_answers_are_joined_counted_and_a_stream_cut_short_is_retried(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    from tests.endpoint_servers import problems
+
+    rows = problems(3)
+
+    def script(i, attempt):
+        if i == 1 and attempt == 1:  # two words of the answer, then the connection drops
+            return Reply(body=completion_body(MODEL, right(rows[i]), 10, TOKENS), drop_after=2)
+        return right(rows[i])
+
+    with ScriptedServer(3, script) as server:
+        assert main(["eval", "--task", TASK, "--base-url", server.base_url, "--model", MODEL, "-n", "3", "--stream",
+                     "--backoff", "0.01", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+        assert all(b.get("stream") is True for b in server.bodies) and dict(server.asked) == {0: 1, 1: 2, 2: 1}
+    table = _rows(capsys.readouterr().out)
+    assert table["exact accuracy"] == 1.0 and table["format"] == 1.0 and table["failed requests"] == 0
+    assert table["mean completion tokens"] == TOKENS  # the usage chunk, not the word count
+    records = [json.loads(x) for x in (tmp_path / "o" / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted(r["completion"] for r in records) == sorted(right(r) for r in rows)  # words joined back exactly
+
+
+def test_a_stream_reports_its_tokens_as_they_arrive():
+    from llm_gym.endpoint import EndpointClient
+
+    seen = []
+    with ScriptedServer(1, lambda i, a: "one two three four") as server:
+        from tests.endpoint_servers import problems
+
+        async def ask():
+            client = EndpointClient(EndpointConfig(server.base_url, MODEL, stream=True))
+            client.on_tokens = lambda key, n: seen.append((key, n))
+            try:
+                return await client.ask(Request("k", [{"role": "user", "content": problems(1)[0]["question"]}]))
+            finally:
+                await client.close()
+
+        answer = asyncio.run(ask())
+    assert answer.text == "one two three four" and answer.completion_tokens == TOKENS
+    assert seen == [("k", 1)] * 4  # one call per streamed word, before the answer was complete
