@@ -6,7 +6,8 @@ with exponential backoff (a 429's ``Retry-After`` is honoured), at most ``max_re
 still fails it comes back as failed (:attr:`Answer.error`), to be counted and shown, never scored as
 a wrong answer. Errors that no retry can fix (the server's 404 for an unknown model, a rejected API
 key) stop the whole run with :class:`EndpointFatal`, whose message names the fix. The client's own
-retries are off so that every attempt is counted here.
+retries are off so that every attempt is counted here. With ``stream`` the answer arrives chunk by
+chunk (``on_tokens`` sees each one); a stream that ends without its final chunk is retried.
 """
 
 from __future__ import annotations
