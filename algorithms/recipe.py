@@ -52,6 +52,9 @@ class TrainConfig:
     to show; 400 steps reach ~6 % greedy exact accuracy (see ``benchmarks/README.md``, Learning)."""
     sft_examples: int = 2000
     """Oracle examples for the warm-up."""
+    sft_dataset: str | None = None
+    """A saved dataset of chat rollouts (``llm-gym eval --save-dataset``, then ``llm-gym data filter``) to
+    warm up on instead of the task's oracle solutions (needed for a task without an oracle)."""
     sft_lr: float = 3e-3
     """Peak learning rate of the warm-up (full fine-tune)."""
     sft_batch_size: int = 32
@@ -110,6 +113,9 @@ class TrainConfig:
             raise UsageError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
         if self.sft_steps < 0:
             raise UsageError(f"TrainConfig.sft_steps={self.sft_steps} must be >= 0 (0 skips the warm-up)")
+        if self.sft_dataset is not None and not Path(self.sft_dataset).is_dir():
+            raise UsageError(f"TrainConfig.sft_dataset={self.sft_dataset!r} is not a folder: pass one written by "
+                             "llm-gym eval --save-dataset (or llm-gym data filter)")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -176,7 +182,7 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
         task.make_config(**config.task_kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(f"task_kwargs: {err}") from None
-    if task.solve is None and config.sft_steps > 0:
+    if task.solve is None and config.sft_steps > 0 and config.sft_dataset is None:
         raise UsageError(f"{config.task} has no oracle solver to write the SFT warm-up's examples: set sft_steps: 0")
     if config.model is not None:
         check_model_source(config.model, "model")
@@ -213,7 +219,7 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gym.algorithms.sft import SFTConfig, length_report, oracle_examples, train_sft
+    from llm_gym.algorithms.sft import SFTConfig, dataset_examples, length_report, oracle_examples, train_sft
     from llm_gym.registry import get_task
     from llm_gym.tiny import tiny_model_path
 
@@ -231,7 +237,13 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
         return str(cache), tokenizer
     task = get_task(config.task)
     model = AutoModelForCausalLM.from_pretrained(source)
-    examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
+    if config.sft_dataset is not None:
+        from llm_gym.rollout_dataset import load_rollouts
+
+        examples = dataset_examples(load_rollouts(config.sft_dataset), tokenizer)
+    else:
+        examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1,
+                                   **config.task_kwargs)  # fmt: skip
     report = length_report(examples, tokenizer, seq_len=512)
     logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
@@ -259,9 +271,16 @@ def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     starting weights.
     """
     key = json.dumps([source, config.task, sorted(config.task_kwargs.items()), config.sft_steps, config.sft_examples,
-                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1"])  # fmt: skip
+                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1"]
+                     + ([_dataset_fingerprint(config.sft_dataset)] if config.sft_dataset else []))  # fmt: skip
     root = Path(os.environ["LLM_GYM_CACHE"]) if os.environ.get("LLM_GYM_CACHE") else Path.home() / ".cache" / "llm_gym"
     return root / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _dataset_fingerprint(folder: str) -> str:
+    """The saved dataset's content hash (its ``state.json`` fingerprint), so a changed dataset is not a cache hit."""
+    state = Path(folder) / "state.json"
+    return state.read_text() if state.is_file() else str(Path(folder).resolve())
 
 
 def _finished_summary(run_dir: Path, point: ResumePoint | None, config: TrainConfig) -> dict[str, Any] | None:

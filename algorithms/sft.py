@@ -39,6 +39,7 @@ __all__ = [
     "SFTExample",
     "SFTResult",
     "collate",
+    "dataset_examples",
     "filter_rollouts",
     "length_report",
     "oracle_examples",
@@ -104,6 +105,46 @@ def oracle_examples(
         examples.append(SFTExample(conv.render_text(problem, tokenizer), answer))
     if unsolved:
         logger.warning("%d of %d %s problems have no oracle solution and were skipped", unsolved, size, task.env_id)
+    return examples
+
+
+def dataset_examples(data: Iterable[Mapping[str, Any]], tokenizer: Any) -> list[SFTExample]:
+    """Prompt/completion pairs from rows of chat messages (a dataset of ``llm-gym eval --save-dataset``).
+
+    Each row has ``prompt`` (role/content messages) and ``completion`` (the assistant's message(s)).
+    The prompt is rendered as at generation time: a final assistant message (the template's
+    prefill) is continued, otherwise the assistant's generation prompt is added; the completion
+    is the assistant's text after it. A multi-turn row (a completion of several messages) gives one
+    example per assistant turn (:func:`llm_gym.episodes.turn_examples`). Filter the rows first (``llm-gym data filter``) to keep
+    the good rollouts only.
+
+    Args:
+        data: The rows (a ``datasets.Dataset`` or dicts).
+        tokenizer: A tokenizer with a chat template.
+
+    Returns:
+        One example per row.
+
+    Raises:
+        ValueError: a row lacks ``prompt`` or ``completion`` message lists.
+    """
+    examples = []
+    for k, row in enumerate(data):
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
+            raise ValueError(f"row {k} needs 'prompt' and 'completion' message lists (llm-gym eval --save-dataset "
+                             f"writes them); it has columns {sorted(row)}")  # fmt: skip
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        if len(completion) > 1:  # a multi-turn episode: one example per assistant turn
+            from llm_gym.episodes import turn_examples
+
+            turns = [{"role": m["role"], "content": m["content"]} for m in completion]
+            examples += [SFTExample(p, c) for p, c in turn_examples(messages + turns, tokenizer)]
+            continue
+        prefill = bool(messages) and messages[-1]["role"] == "assistant"
+        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=prefill,
+                                             add_generation_prompt=not prefill)  # fmt: skip
+        examples.append(SFTExample(text, "".join(m["content"] for m in completion)))
     return examples
 
 

@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import llm_gym
-from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
+from llm_gym.data_command import add_data_parser
+from llm_gym.eval_command import add_endpoint_args
+from llm_gym.registry import env_description, list_envs
+from llm_gym.sft_command import add_sft_parser
 from llm_gym.table import format_table, held_out_table
-from llm_gym.task import Task
-from llm_gym.usage import UsageError, check_model_source
+from llm_gym.usage import UsageError
 
 __all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
 
@@ -74,89 +76,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_env(task: Task, args: argparse.Namespace, tokenizer: Any, knobs: dict[str, Any]) -> Any:
-    """A batched env over the first ``-n`` problems of the chosen split, for the shared rollout."""
-    from llm_gym.env import build_problems
-    from llm_gym.reasoning_gym import ReasoningGym
-
-    size = None if args.dataset else args.num_problems
-    problems = build_problems(task, dataset=args.dataset, split=args.split, size=size, seed=args.seed, **knobs)
-    rows = [problems[i] for i in range(min(args.num_problems, len(problems)))]
-    # The rows are the env's held-out split (what evaluate() reads); its training split is unused.
-    return ReasoningGym(rows, rows, tokenizer, task.rubric.copy(), task.template, data_batch_size_per_gpu=16,
-                        correct_part=task.correct_part)  # fmt: skip
-
-
-def _default_eval_tasks() -> list[str]:
-    """Tasks the oracle can run offline: an oracle, a generator and every optional requirement installed."""
-    ids = []
-    for env_id in list_task_envs():
-        task = get_task(env_id)
-        if task.solve is not None and task.generate is not None and not task.missing_requirements:
-            ids.append(env_id)
-    return ids
-
-
-def _eval_tasks(args: argparse.Namespace, knobs: dict[str, Any]) -> list[Task]:
-    """The tasks to evaluate, each checked (registered, single-turn, knobs valid) before any model loads."""
-    import gymnasium as gym
-
-    tasks = []
-    for env_id in args.task or _default_eval_tasks():
-        if env_id in list_envs() and env_id not in list_task_envs():
-            raise UsageError(f"{env_id} is not a single-turn task env; evaluate a multi-turn game with its "
-                             "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)")  # fmt: skip
-        try:
-            task = get_task(env_id)
-        except gym.error.Error as err:
-            raise UsageError(f"--task {env_id}: {err}") from None
-        try:
-            task.make_config(**knobs)
-        except (TypeError, ValueError) as err:
-            raise UsageError(f"--task-kwargs: {err}") from None
-        if args.model is None and task.solve is None:
-            raise UsageError(f"{task.env_id} has no oracle solver: pass --model")
-        tasks.append(task)
-    return tasks
-
-
-def _load_model(name: str, max_new_tokens: int) -> tuple[Any, Any]:
-    """``(policy, tokenizer)`` of ``--model``; a model that cannot be loaded is a :class:`UsageError`."""
-    from llm_gym.algorithms.rollout.policies import ModelPolicy
-
-    check_model_source(name)
-    try:
-        return ModelPolicy.from_pretrained(name, max_new_tokens)
-    except OSError as err:  # transformers: no such hub repo, no network, missing weights
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {name}: cannot load it ({first}); give a local model folder or a hub id") from None
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from llm_gym.algorithms.rollout.policies import OraclePolicy
-    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.eval_command import run_eval
 
-    for flag, value in (("-n/--num-problems", args.num_problems), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            raise UsageError(f"{flag} {value} must be >= 1")
-    knobs = parse_task_kwargs(args.task_kwargs) or {}
-    tasks = _eval_tasks(args, knobs)
-    policy_name = args.model or "oracle"
-    model_policy, tokenizer = _load_model(args.model, args.max_new_tokens) if args.model else (None, None)
-    rows = []
-    for task in tasks:
-        env = _eval_env(task, args, tokenizer, knobs)
-        policy = model_policy if model_policy is not None else OraclePolicy(task, env)
-        metrics = evaluate(policy, env)
-        parts = {k.removeprefix("reward/"): v for k, v in metrics.items()
-                 if k.startswith("reward/") and k not in ("reward/total", "reward/failures")}  # fmt: skip
-        for name, value in parts.items():
-            rows.append((task.env_id, policy_name, args.split, name, value))
-        rows.append((task.env_id, policy_name, args.split, "total", metrics["reward/total"]))
-        rows.append((task.env_id, policy_name, args.split, "exact accuracy", metrics["accuracy"]))
-        logger.info("%s: %s", task.env_id, metrics)
-    print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
-    return 0
+    return run_eval(args, parse_task_kwargs(args.task_kwargs) or {})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -204,17 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--task", action="append",
                         help="environment id (repeatable); default: every generated task with an oracle")
     p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
-    p_eval.add_argument("--model", help="local path or hub id of a causal LM, or an elite / checkpoint agent folder "
-                        "of a run (runs/<time>/elites/<elite>); default: the task's oracle solver")
+    p_eval.add_argument("--model", help="local path or hub id of a causal LM, an elite / checkpoint agent folder "
+                        "of a run (runs/<time>/elites/<elite>), or with --base-url the served model's name; "
+                        "default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
     p_eval.add_argument("--split", default="test", choices=("train", "test"),
                         help="which split to evaluate on (default: test, the held-out problems)")
     p_eval.add_argument("-n", "--num-problems", type=int, default=100,
                         help="evaluate the first N problems of the split (default: 100)")
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the generated problems (default: 0)")
-    p_eval.add_argument("--max-new-tokens", type=int, default=128,
-                        help="generation budget per completion of --model (default: 128)")
+    p_eval.add_argument("--max-new-tokens", "--max-tokens", type=int,
+                        help="completion budget (default: 128 for a local model, the server's for --base-url)")
+    add_endpoint_args(p_eval)
     p_eval.set_defaults(func=_cmd_eval)
+    add_data_parser(sub)
+    add_sft_parser(sub)
 
     train_help = "train: tiny model -> SFT warm-up -> population GRPO with evolution (defaults: all offline)"
     p_train = sub.add_parser("train", help=train_help, description=train_help[0].upper() + train_help[1:] + ".")

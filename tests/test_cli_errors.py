@@ -72,8 +72,8 @@ CASES = {
     "resume-too-short": (["train", "--resume", "run", "--max-steps", "1"],
                          "max_steps=1 is below the checkpoint's step 2: give max_steps >= 2"),
     # eval
-    "eval-n-0": (["eval", "-n", "0"], "-n/--num-problems 0 must be >= 1"),
-    "eval-n-neg": (["eval", "-n", "-5"], "-n/--num-problems -5 must be >= 1"),
+    "eval-n-0": (["eval", "-n", "0"], "-n 0: evaluate at least one problem (-n 1 or more)"),
+    "eval-n-neg": (["eval", "-n", "-5"], "-n -5: evaluate at least one problem (-n 1 or more)"),
     "eval-unknown-task": (["eval", "--task", "llm_gym/Countdwn-v0"], "Did you mean llm_gym/Countdown-v0"),
     "eval-model-path": (["eval", "--model", "/nonexistent/path"], "--model /nonexistent/path: no such folder"),
     "eval-model-hub-id": (["eval", "--model", "nobody/no-such-model"], "--model nobody/no-such-model: cannot load it"),
@@ -119,4 +119,4 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(case, inputs, tmp_pat
 def test_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LLM_GYM_DEBUG": "1"}
     proc = subprocess.run([*CLI, "eval", "-n", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "UsageError: -n/--num-problems 0" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "UsageError: -n 0: evaluate" in proc.stderr

@@ -6,7 +6,9 @@ fitness scores an agent, so the numbers of the three mean the same thing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -14,7 +16,37 @@ from torch import Tensor
 from llm_gym.algorithms.rollout.backend import SamplingConfig
 from llm_gym.algorithms.rollout.hf import HFGenerationBackend, resolve_eos
 
-__all__ = ["ModelPolicy", "OraclePolicy"]
+__all__ = ["ModelPolicy", "OraclePolicy", "adapter_base"]
+
+
+def adapter_base(model_id: str) -> str | None:
+    """The base model of a saved PEFT adapter folder, or ``None`` when ``model_id`` is not one.
+
+    The adapter's ``base_model_name_or_path`` is used as written when it exists (or is a hub id);
+    a relative path that does not exist from here (it was relative to the training run's working
+    folder) is looked up beside the run folder of an elite (``<run>/elites/<elite>`` ->
+    ``<run>/<name>``).
+
+    Raises:
+        ValueError: the base model folder cannot be found (the message names it).
+    """
+    folder = Path(model_id)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: pass --model the base model")
+    path = Path(base)
+    if path.is_absolute() or path.exists():
+        return str(path)
+    beside = folder.resolve().parents[1] / path.name
+    if beside.is_dir():
+        return str(beside)
+    if len(path.parts) == 2 and not base.startswith("."):  # owner/name: a hub id
+        return base
+    raise ValueError(f"the base model {base!r} of adapter {model_id} is not found (nor {beside}): run from the "
+                     "training run's working folder, or fix base_model_name_or_path in adapter_config.json")
 
 
 class OraclePolicy:
@@ -64,30 +96,28 @@ class ModelPolicy:
     def from_pretrained(cls, model_id: str, max_new_tokens: int) -> tuple[ModelPolicy, Any]:
         """Load a model and its tokenizer (``pad_token`` set to EOS when it has none).
 
-        A folder holding a PEFT adapter (an elite of a run, or ``checkpoints/latest/agent_N``) is
-        loaded on its base model (:func:`~llm_gym.algorithms.run.elites.load_elite`) and merged.
-
         Args:
-            model_id: A local path or hub id, or an adapter folder.
+            model_id: A local path or hub id, or the folder of a saved LoRA adapter (an elite of a
+                run, ``runs/<time>/elites/elite-...``): its base model and tokenizer are loaded from
+                :func:`adapter_base`, then the adapter on top.
             max_new_tokens: Generation budget per completion.
 
         Returns:
             ``(policy, tokenizer)``.
         """
-        from pathlib import Path
-
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if (Path(model_id) / "adapter_config.json").is_file():
-            from llm_gym.algorithms.run.elites import load_elite
-
-            peft_model, tokenizer = load_elite(model_id)
-            model = peft_model.merge_and_unload()  # plain weights: generation needs no adapter
-            return cls(model, tokenizer.pad_token_id, max_new_tokens), tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        base = adapter_base(model_id)
+        # an elite saved with its tokenizer (the training loop does) uses that one, else its base model's
+        own_tokenizer = (Path(model_id) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(model_id if own_tokenizer else base or model_id)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(base or model_id)
+        if base is not None:  # an elite (a saved LoRA adapter) on its base model
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_id)
         return cls(model, tokenizer.pad_token_id, max_new_tokens), tokenizer
 
     def get_action(

@@ -25,9 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from llm_gym.algorithms.rollout.multi_turn import MultiTurnEnv, run_episodes
+from llm_gym.rollout_record import RolloutRecord, scored_record
 from llm_gym.rubric import Score
 
-__all__ = ["Policy", "Rollout", "evaluate", "rollout"]
+__all__ = ["Policy", "Rollout", "batch_records", "evaluate", "rollout"]
 
 
 @runtime_checkable
@@ -104,7 +105,36 @@ def rollout(policy: Any, env: Any, prompts: Sequence[dict[str, Any]], *, trainin
     )  # fmt: skip
 
 
-def evaluate(policy: Any, env: Any, max_problems: int | None = None, *, greedy: bool = True) -> dict[str, float]:
+def batch_records(batch: Rollout, env: Any, problems: Sequence[dict[str, Any]], first: int) -> list[RolloutRecord]:
+    """The :class:`~llm_gym.rollout_record.RolloutRecord` of every scored completion of a single-turn batch.
+
+    Args:
+        batch: The scored batch (its ``texts`` and ``scores``).
+        env: The ReasoningGym that scored it (its template and ``correct_part``).
+        problems: The batch's problems (``env.pending_problems()``), in prompt order.
+        first: Index of the batch's first problem in the evaluated split.
+
+    Returns:
+        One record per (prompt, completion), the same records an endpoint evaluation writes.
+    """
+    records = []
+    for i, (problem, texts, scores) in enumerate(zip(problems, batch.texts or [], batch.scores, strict=True)):
+        masks = batch.action_masks[i] if batch.action_masks is not None else None
+        for g, (text, score) in enumerate(zip(texts, scores, strict=True)):
+            tokens = int(masks[g].sum()) if masks is not None else None  # the model's tokens of the completion
+            records.append(scored_record(first + i, g, problem, env.template.render(problem), text, score,
+                                         env.correct_part, tokens))  # fmt: skip
+    return records
+
+
+def evaluate(
+    policy: Any,
+    env: Any,
+    max_problems: int | None = None,
+    *,
+    greedy: bool = True,
+    records: list[RolloutRecord] | None = None,
+) -> dict[str, float]:
     """Mean rewards of ``policy`` on the env's held-out split: every problem once, in a fixed order.
 
     Fitness is measured on the same fixed problems for every agent and every evaluation, so agents
@@ -120,6 +150,8 @@ def evaluate(policy: Any, env: Any, max_problems: int | None = None, *, greedy: 
             ``group_size`` completions per problem with its sampling settings: the policy's expected
             reward, which moves smoothly where the greedy output of a small model flips for every
             problem at once.
+        records: When given (a single-turn env), every scored completion is appended to it as a
+            :class:`~llm_gym.rollout_record.RolloutRecord` (``llm-gym eval``'s report and dataset).
 
     Returns:
         The metrics of the module docstring, ``problems`` included.
@@ -132,7 +164,10 @@ def evaluate(policy: Any, env: Any, max_problems: int | None = None, *, greedy: 
     with env.eval_mode():
         prompts = env.reset(reset_dataloaders=True)
         while True:
+            problems = env.pending_problems() if records is not None else None
             batch = rollout(policy, env, prompts, training=not greedy)
+            if problems is not None:
+                records.extend(batch_records(batch, env, problems, seen))
             seen += batch.num_prompts
             for key, value in batch.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * (1.0 if key == "reward/failures" else batch.num_prompts)
