@@ -68,6 +68,11 @@ class TrainConfig:
     """Sampling temperature during training."""
     lora_r: int = 16
     """LoRA rank."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose completions all score the same and refill the batch
+    with more prompts (:mod:`~llm_gym.algorithms.grpo.dynamic`)."""
+    max_refills: int = 3
+    """Extra prompt batches per step and agent for dynamic sampling's refills."""
     max_steps: int = 60
     """Training steps (each agent trains on one batch per step)."""
     evo_steps: int = 20
@@ -232,7 +237,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         config.population, model_name=model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
         lora_config=lora, batch_size=config.prompts_per_step * config.group_size, group_size=config.group_size,
         max_output_tokens=config.max_output_tokens, lr=config.lr, beta=config.beta, temperature=config.temperature,
-        seed=config.seed,
+        dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed,
     )  # fmt: skip
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
     pop[0].test(env)

@@ -335,6 +335,21 @@ class ReasoningGym:
         return [str(c) for c in completion]
 
     @contextmanager
+    def side_batch(self) -> Iterator[None]:
+        """Draw and score extra batches inside the block, then restore the pending batch.
+
+        Dynamic sampling (:mod:`~llm_gym.algorithms.grpo.dynamic`) refills one agent's batch with
+        ``reset()`` + ``score()`` here while the step's shared batch stays pending for the other
+        agents. The data position moves on: the extra problems are consumed.
+        """
+        split = self.split
+        saved = self._pending[split]
+        try:
+            yield
+        finally:
+            self._pending[split] = saved
+
+    @contextmanager
     def eval_mode(self) -> Iterator[None]:
         """Serve the test split inside the ``with`` block, then restore the previous mode."""
         previous = self.evaluation_mode

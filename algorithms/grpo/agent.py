@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.grpo import update
+from llm_gym.algorithms.grpo import dynamic, update
 from llm_gym.algorithms.grpo.config import FIXED_SETTINGS, GRPOConfig
 from llm_gym.algorithms.grpo.model import (
     adapter_params,
@@ -317,11 +317,17 @@ class GRPO:
             ``loss/policy``, ``grpo/clip_fraction``, ``grpo/ratio_mean``,
             ``grpo/frac_reward_zero_std``, ``grpo/entropy``, ``completion/length_mean``,
             ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``.
+            With ``dynamic_sampling`` the groups whose rewards all tie are dropped first
+            (:func:`~llm_gym.algorithms.grpo.dynamic.drop_zero_std`) and
+            ``grpo/frac_reward_zero_std`` is their share of the batch given.
 
         Raises:
             ValueError: On shapes that do not match ``[P, G]``.
         """
-        return update.learn(self, experiences)
+        if not self.hps.dynamic_sampling:
+            return update.learn(self, experiences)
+        experiences, zero_std = dynamic.drop_zero_std(experiences)
+        return {**update.learn(self, experiences), "grpo/frac_reward_zero_std": zero_std}
 
     # ------------------------------------------------------------- evaluation
     def test(self, env: Any, max_problems: int | None = None) -> float:

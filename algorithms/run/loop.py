@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_gym.algorithms.evolution.lineage import merge_events
-from llm_gym.algorithms.rollout.rollout import Rollout, rollout
+from llm_gym.algorithms.grpo import dynamic
+from llm_gym.algorithms.rollout.rollout import Rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population
 from llm_gym.algorithms.run.elites import EliteStore
 from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, make_logger
@@ -133,8 +134,9 @@ class _Run:
         """Every agent: rollout on ``prompts`` -> learn; returns the step's metrics (``agent<slot>/...``)."""
         step_metrics: dict[str, float] = {}
         for slot, agent in enumerate(self.pop):
-            batch = rollout(agent, self.env, prompts)
-            metrics = agent.learn(batch.experience)
+            sampled = dynamic.sample(agent, self.env, prompts)  # a rollout; refilled with dynamic sampling
+            batch = sampled.first
+            metrics = agent.learn(sampled.batch.experience) | sampled.metrics
             metrics.update({f"train/{k}": v for k, v in batch.metrics.items()})
             step_metrics.update({f"agent{slot}/{k}": float(v) for k, v in metrics.items()})
             if self.sample_interval and step % self.sample_interval == 0:
