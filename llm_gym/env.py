@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 
-from llm_gym.problems import ProblemSet, load_hf_dataset, problem_key, split_of
+from llm_gym.problems import ALL_SPLITS, ProblemSet, check_fractions, load_hf_dataset, problem_key, split_of
 from llm_gym.registry import load_task
 from llm_gym.rubric import Rubric
 from llm_gym.spaces import messages_space, text_space
@@ -30,6 +30,7 @@ def build_problems(
     size: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
+    validation_fraction: float = 0.0,
     **knobs: Any,
 ) -> ProblemSet:
     """The problems of one split of a task, from its generator or from data.
@@ -43,10 +44,13 @@ def build_problems(
             Countdown hub dataset, which has only ``train``) is split by a hash of each problem:
             ``test_fraction`` of the problems are the test split, the rest the train split, so
             train and test never share a problem.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
         size: Number of problems; default 1000 generated, or every row of the data.
         seed: Seed of the generated problems.
         test_fraction: Share of the problem space held out as the test split.
+        validation_fraction: Share held out as the validation split (fitness), carved out of the
+            training share by the same hash (data with its own ``validation`` split gives that);
+            0 (the default) means no validation split, and the training split is as before.
         **knobs: The task's generator knobs (its config fields).
 
     Returns:
@@ -57,34 +61,48 @@ def build_problems(
     if dataset is None:
         config = task.make_config(**knobs)
         return ProblemSet.generated(
-            task, config, split=split, size=1000 if size is None else size, seed=seed, test_fraction=test_fraction
+            task, config, split=split, size=1000 if size is None else size, seed=seed, test_fraction=test_fraction,
+            validation_fraction=validation_fraction,
         )
     task.make_config(**knobs)  # still reject unknown knobs
     if isinstance(dataset, (str, Path)):
         config_name = task.hf_config if str(dataset) == task.hf_dataset else None
         dataset = load_hf_dataset(dataset, split=None, config_name=config_name)
-    return ProblemSet.from_dataset(task, _take_split(task, dataset, split, test_fraction), split=split, size=size)
+    data = _take_split(task, dataset, split, test_fraction, validation_fraction)
+    return ProblemSet.from_dataset(task, data, split=split, size=size)
 
 
-def _take_split(task: Task, data: Any, split: str, test_fraction: float) -> Any:
-    """One split of ``data``: its own ``test``/``train`` when it has a test split, else a hash split."""
+def _take_split(task: Task, data: Any, split: str, test_fraction: float, validation_fraction: float = 0.0) -> Any:
+    """One split of ``data``: its own splits where it has them, else a hash split.
+
+    Data with a ``test`` split gives it; its ``validation`` split too, else validation is carved out
+    of its ``train`` split by hash (``validation_fraction`` of it). Data without a test split is split
+    three ways by hash.
+    """
+    check_fractions(test_fraction, validation_fraction, split)
+    if split not in ALL_SPLITS:
+        raise ValueError(f"split must be one of {ALL_SPLITS}, got {split!r}")
+    test_share = test_fraction
     if isinstance(data, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
         if "test" in data:
-            if split not in data:
+            if split in data and (split != "train" or validation_fraction == 0 or "validation" in data):
+                return data[split]
+            if "train" not in data:
                 raise ValueError(f"the dataset has no split {split!r}; splits: {sorted(data.keys())}")
-            return data[split]
-        if "train" not in data:
+            test_share = 0.0  # the data's own test split is the test split: hash train vs validation only
+        elif "train" not in data:
             raise ValueError(f"the dataset needs a 'train' split (and optionally 'test'); splits: {sorted(data.keys())}")
         data = data["train"]
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     columns = getattr(data, "column_names", None) or []
     if columns and not set(task.columns) <= set(columns):
         return data  # ProblemSet.from_dataset reports the missing column
-    logger.info("data has no test split: holding out %.0f%% of its problems by hash as the test split", 100 * test_fraction)
-    if hasattr(data, "filter"):
-        return data.filter(lambda row: split_of(problem_key(row, task.columns), test_fraction) == split)
-    return [row for row in data if split_of(problem_key(row, task.columns), test_fraction) == split]
+    logger.info("holding out %.0f%% (test) and %.0f%% (validation) of the problems by hash",
+                100 * test_share, 100 * validation_fraction)  # fmt: skip
+
+    def member(row: Any) -> bool:
+        return split_of(problem_key(row, task.columns), test_share, validation_fraction) == split
+
+    return data.filter(member) if hasattr(data, "filter") else [row for row in data if member(row)]
 
 
 class ReasoningEnv(gym.Env):
