@@ -11,7 +11,9 @@ prompts until the batch holds as many informative groups as the step's prompt ba
 On with ``GRPOConfig.dynamic_sampling``. The training loop calls :func:`sample` instead of a plain
 rollout; :meth:`GRPO.learn <llm_gym.algorithms.grpo.agent.GRPO.learn>` itself only drops the
 zero-variance groups of the batch it is given (:func:`drop_zero_std`), since it has no env to
-refill from. Metrics: ``grpo/frac_reward_zero_std`` (share of zero-variance groups among all groups
+refill from. Metrics: ``completion/generated_tokens`` (every token the agent generated this step,
+refills and dropped groups included: the sampling budget; with dynamic sampling off too),
+``grpo/frac_reward_zero_std`` (share of zero-variance groups among all groups
 drawn this step, refills included), ``grpo/refills`` (extra batches drawn) and ``grpo/groups``
 (groups trained on).
 
@@ -85,7 +87,8 @@ class Sampled:
             sampling is on (unless none was found: then the first draw, unchanged).
         first: The rollout of the step's shared prompts, unfiltered (its metrics and samples are
             what the loop logs, comparable with and without dynamic sampling).
-        metrics: ``grpo/frac_reward_zero_std``, ``grpo/refills``, ``grpo/groups``; empty when off.
+        metrics: ``completion/generated_tokens``; with dynamic sampling also
+            ``grpo/frac_reward_zero_std``, ``grpo/refills``, ``grpo/groups``.
     """
 
     batch: Rollout
@@ -110,10 +113,10 @@ def sample(agent: Any, env: Any, prompts: Sequence[dict[str, Any]]) -> Sampled:
     first = rollout(agent, env, prompts)
     hps = agent.hps
     if not getattr(hps, "dynamic_sampling", False):
-        return Sampled(first, first, {})
+        return Sampled(first, first, {"completion/generated_tokens": _generated_tokens(first)})
     target = first.num_prompts
     kept: list[Rollout] = []
-    found, drawn, zero, refills = 0, 0, 0, 0
+    found, drawn, zero, refills, tokens = 0, 0, 0, 0, _generated_tokens(first)
     draw = first
     side_batch = getattr(env, "side_batch", None)
     while True:
@@ -130,9 +133,17 @@ def sample(agent: Any, env: Any, prompts: Sequence[dict[str, Any]]) -> Sampled:
             more = env.reset()
             draw = rollout(agent, env, more)
         refills += 1
+        tokens += _generated_tokens(draw)
     batch = _concat(kept) if kept else first
-    metrics = {"grpo/frac_reward_zero_std": zero / drawn, "grpo/refills": float(refills), "grpo/groups": float(found)}
+    metrics = {"completion/generated_tokens": tokens, "grpo/frac_reward_zero_std": zero / drawn, "grpo/refills": float(refills), "grpo/groups": float(found)}
     return Sampled(batch, first, metrics)
+
+
+def _generated_tokens(batch: Rollout) -> float:
+    """Tokens the policy generated in ``batch`` (its action masks; 0 for a text policy)."""
+    if batch.action_masks is None:
+        return 0.0
+    return float(sum(int(m.sum()) for m in batch.action_masks))
 
 
 def drop_zero_std(

@@ -63,7 +63,8 @@ def test_informative_groups_by_hand():
 def test_off_is_a_plain_rollout():
     env = ScriptedEnv([[1, 2]], {1: MIXED, 2: ZERO})
     out = sample(TextPolicy(), env, env.reset())
-    assert out.batch is out.first and out.metrics == {} and _ids(out.batch) == [1, 2]
+    assert out.batch is out.first and out.metrics == {"completion/generated_tokens": 0.0}  # text: no tokens
+    assert _ids(out.batch) == [1, 2]
     assert env.resets == 1
 
 
@@ -78,7 +79,7 @@ def test_zero_variance_groups_are_dropped_and_refilled_until_the_batch_is_full()
     assert _ids(out.batch) == [1, 2, 6, 9]
     assert out.batch.rewards.tolist() == [MIXED] * 4
     assert out.metrics == {"grpo/frac_reward_zero_std": pytest.approx(7 / 12), "grpo/refills": 2.0,
-                           "grpo/groups": 4.0}  # fmt: skip
+                           "grpo/groups": 4.0, "completion/generated_tokens": 0.0}  # fmt: skip
     assert _ids(out.first) == [1, 2, 3, 4]  # the shared batch, unfiltered, for the logs
     assert env.pending == [1, 2, 3, 4]  # still pending for the next agent of the population
     assert env.resets == 3
