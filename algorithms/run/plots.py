@@ -68,7 +68,7 @@ def plot_learning_curve(
     fig = Figure(figsize=(11, 6), dpi=100)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["tab10"]
-    label_agents = len(series) <= 12  # beyond that a legend hides the plot
+    label_agents = len(series) <= 24  # the legend sits outside the axes: it hides no data
     for n, (agent, points) in enumerate(sorted(series.items())):
         steps, values = zip(*points)
         label = f"agent {agent}" if label_agents else None
@@ -81,7 +81,7 @@ def plot_learning_curve(
     start = [v for points in series.values() for step, v in points if step == 0]
     if start:
         ax.axhline(max(start), ls=":", color="tab:grey", lw=1.2, label=f"start (step 0): {max(start):.3f}")
-    labels_at: dict[int, int] = defaultdict(int)  # mutation labels already placed at a step
+    labels_at: dict[tuple[int, float], int] = defaultdict(int)  # mutation labels already placed at a point
 
     for event in events:
         kind, step, agent = event.get("event"), int(event.get("step", 0)), event.get("agent")
@@ -97,14 +97,21 @@ def plot_learning_curve(
             if at:
                 ax.plot(*at, marker="^", markersize=8, color="red", markeredgecolor="black")
                 # Stack the labels of one step (every mutated agent, often at the same point).
-                k = labels_at[at[0]]
-                labels_at[at[0]] += 1
+                k = labels_at[(at[0], round(at[1], 9))]
+                labels_at[(at[0], round(at[1], 9))] += 1
                 ax.annotate(
                     f"a{agent} {event.get('hp', '')}", at, textcoords="offset points", xytext=(5, 6 + 10 * k),
                     fontsize=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                 )
     if max_fitness is not None:
         ax.axhline(max_fitness, ls=":", color="grey", lw=1.0)
+    # Headroom above the highest point for the stacked mutation labels (one row of text ~ 4 %).
+    values = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    if values:
+        low, high = min(values), max(values)
+        span = (high - low) or max(abs(high), 1.0) * 0.1
+        rows = max(labels_at.values(), default=0)
+        ax.set_ylim(low - 0.05 * span, high + span * (0.08 + 0.05 * rows))
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel or value)
     ax.set_title(title)
