@@ -4,6 +4,8 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.learning                 # the defaults (~7 minutes, SFT cached after)
     .venv/bin/python -m benchmarks.learning --grpo-seconds 60 --sft-steps 200   # a quick look
+    .venv/bin/python -m benchmarks.learning --seeds 3       # seeds 0, 1, 2: gain per seed, mean +- s.e.
+    .venv/bin/python -m benchmarks.learning --quick         # a smoke run of seconds (tiny budgets)
 
 Stages:
 
@@ -16,7 +18,9 @@ Stages:
    whichever comes first (the budget is checked between steps; evaluation time is not counted).
 4. Held-out accuracy of the GRPO model on the same problems.
 
-Writes ``benchmarks/results/learning.json`` and ``learning.md`` (or ``learning_<tag>.*``).
+Writes ``benchmarks/results/learning.json`` and ``learning.md`` (or ``learning_<tag>.*``); with
+``--seeds N`` one record per seed (``seed`` = ``--seed`` + k, SFT included) and a table of the gain
+per seed with the mean and its standard error over seeds.
 Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set of the whole
 process, MiB), not tracemalloc: tensors are allocated outside Python's allocator.
 """
@@ -70,6 +74,26 @@ class LearningConfig:
     grpo_seconds: float = 300.0
     seed: int = 0
     threads: int = 1
+    validation_size: int = 0
+    """Validation problems of the env (0: none; the training problems are then as before)."""
+
+
+QUICK = {"sft_steps": 10, "sft_examples": 64, "sft_batch_size": 8, "test_size": 8, "train_size": 32,
+         "prompts_per_step": 2, "group_size": 4, "max_output_tokens": 12, "grpo_steps": 2, "grpo_seconds": 60.0}
+"""``--quick``: budgets of a smoke run (seconds); the numbers it reports mean nothing."""
+
+
+def seed_summary(gains: list[float]) -> dict[str, float]:
+    """Mean and standard error (sample std / sqrt(n)) of per-seed gains.
+
+    Example:
+        >>> seed_summary([1.0, 2.0, 6.0])
+        {'seeds': 3, 'mean': 3.0, 'se': 1.5275252316519465}
+    """
+    n = len(gains)
+    mean = sum(gains) / n
+    var = sum((g - mean) ** 2 for g in gains) / (n - 1) if n > 1 else float("nan")
+    return {"seeds": n, "mean": mean, "se": (var / n) ** 0.5}
 
 
 def peak_rss_mib() -> float:
@@ -153,8 +177,8 @@ def build_agent_and_env(config: LearningConfig, model_path: str) -> tuple[Any, A
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
-                                 seed=config.seed, data_batch_size_per_gpu=config.prompts_per_step,
-                                 **config.task_kwargs)  # fmt: skip
+                                 validation_size=config.validation_size, seed=config.seed,
+                                 data_batch_size_per_gpu=config.prompts_per_step, **config.task_kwargs)  # fmt: skip
     lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                       task_type="CAUSAL_LM", lora_dropout=0.0)  # fmt: skip
     agent = GRPO(model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, lora_config=lora,
@@ -172,8 +196,9 @@ def evaluate(agent: Any, env: Any) -> dict[str, float]:
     return dict(agent.last_eval)
 
 
-def train_grpo(agent: Any, env: Any, steps: int, seconds: float) -> dict[str, Any]:
-    """Train ``agent`` until ``steps`` steps or ``seconds`` of wall time (checked between steps).
+def train_grpo(agent: Any, env: Any, steps: int, seconds: float, tokens_budget: float | None = None) -> dict[str, Any]:
+    """Train ``agent`` until ``steps`` steps, ``seconds`` of wall time or ``tokens_budget`` generated tokens
+    (each checked between steps).
 
     Returns:
         ``{"steps", "seconds", "generated_tokens", "reward_curve"}`` (mean training reward per 10 steps).
@@ -181,7 +206,7 @@ def train_grpo(agent: Any, env: Any, steps: int, seconds: float) -> dict[str, An
     start = time.perf_counter()
     prompts = env.reset(reset_dataloaders=True)
     done, tokens, rewards = 0, 0, []
-    while done < steps and time.perf_counter() - start < seconds:
+    while done < steps and time.perf_counter() - start < seconds and (tokens_budget is None or tokens < tokens_budget):
         completion_ids, action_masks = agent.get_action(prompts)
         prompts, reward = env.step(completion_ids)
         metrics = agent.learn((completion_ids, action_masks, reward))
@@ -243,6 +268,19 @@ def to_markdown(record: dict[str, Any]) -> str:
     return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 
 
+def seeds_markdown(records: list[dict[str, Any]]) -> str:
+    """Gain in held-out exact accuracy per seed, then the mean +- standard error over seeds."""
+    lines = ["| seed | SFT exact acc. | GRPO exact acc. | gain (points) | GRPO steps / s |", "|---|---|---|---|---|"]
+    for r in records:
+        s, g = r["sft"]["eval"], r["grpo"]
+        lines.append(f"| {r['config']['seed']} | {100 * s['accuracy']:.1f} % | {100 * g['eval']['accuracy']:.1f} % | "
+                     f"{r['accuracy_gain_points']:+.1f} | {g['steps']} / {g['seconds']:.0f} |")  # fmt: skip
+    summary = seed_summary([r["accuracy_gain_points"] for r in records])
+    lines.append(f"\nmean gain over {summary['seeds']} seeds: {summary['mean']:+.1f} +- {summary['se']:.1f} points "
+                 f"(s.e. over seeds; {records[0]['config']['test_size']} test problems each)")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point: every :class:`LearningConfig` field is a ``--flag``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -253,16 +291,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--tag", default="", help="results go to learning_<tag>.json/.md")
     parser.add_argument("--no-cache", action="store_true", help="train the SFT model afresh")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds --seed .. --seed + N - 1 (SFT included)")
+    parser.add_argument("--quick", action="store_true", help="smoke-run budgets (QUICK); numbers mean nothing")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the json/md results go")
     args = vars(parser.parse_args(argv))
-    tag, no_cache = args.pop("tag"), args.pop("no_cache")
+    tag, no_cache, seeds, quick, results = (args.pop(k) for k in ("tag", "no_cache", "seeds", "quick", "results_dir"))
+    if seeds < 1:
+        parser.error(f"--seeds {seeds}: give at least 1 seed")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = LearningConfig(**args)
-    record = run(config, cache=None if no_cache else CACHE)
-    RESULTS.mkdir(exist_ok=True)
+    config = LearningConfig(**{**args, **(QUICK if quick else {})})
+    records = [run(dataclasses.replace(config, seed=config.seed + k), cache=None if no_cache else CACHE)
+               for k in range(seeds)]  # fmt: skip
+    results.mkdir(parents=True, exist_ok=True)
     stem = f"learning_{tag}" if tag else "learning"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    (RESULTS / f"{stem}.md").write_text(to_markdown(record))
-    logger.info("\n%s", to_markdown(record))
+    if seeds == 1:
+        record = records[0]
+        (results / f"{stem}.json").write_text(json.dumps(record, indent=2))
+        (results / f"{stem}.md").write_text(to_markdown(record))
+        logger.info("\n%s", to_markdown(record))
+        return record
+    summary = seed_summary([r["accuracy_gain_points"] for r in records])
+    record = {"seeds": records, "gain_points": summary}
+    (results / f"{stem}_seeds.json").write_text(json.dumps(record, indent=2))
+    (results / f"{stem}_seeds.md").write_text(seeds_markdown(records))
+    logger.info("\n%s", seeds_markdown(records))
     return record
 
 

@@ -22,7 +22,7 @@ from llm_gym.data_command import add_data_parser
 from llm_gym.eval_command import add_endpoint_args
 from llm_gym.registry import env_description, list_envs
 from llm_gym.sft_command import add_sft_parser
-from llm_gym.table import format_table, held_out_table
+from llm_gym.table import format_table
 from llm_gym.usage import UsageError
 
 __all__ = ["build_parser", "format_table", "main", "parse_task_kwargs"]
@@ -93,9 +93,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:  # per-step metrics and evaluations of the run, without the libraries' debug noise
         logging.getLogger("llm_gym").setLevel(logging.INFO)
     summary = run_training(config)
+    from llm_gym.algorithms.run.report import results_table
+
     n = int(summary["elite"].get("problems", 0))
     print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
-    print(held_out_table({"SFT start": summary["sft"], "elite (GRPO)": summary["elite"]}))
+    print("(the test split: problems neither training nor selection, on the validation split, ever saw)")
+    print(results_table(summary))
     print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 

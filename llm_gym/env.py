@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 
-from llm_gym.problems import ProblemSet, load_hf_dataset, problem_key, split_of
+from llm_gym.problems import ALL_SPLITS, ProblemSet, check_fractions, load_hf_dataset, problem_key, split_of
 from llm_gym.registry import load_task
 from llm_gym.rubric import Rubric
 from llm_gym.spaces import messages_space, text_space
@@ -31,6 +31,7 @@ def build_problems(
     size: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
+    validation_fraction: float = 0.0,
     **knobs: Any,
 ) -> ProblemSet:
     """The problems of one split of a task, from its generator or from data.
@@ -44,11 +45,14 @@ def build_problems(
             Countdown hub dataset, which has only ``train``) is split by a hash of each problem:
             ``test_fraction`` of the problems are the test split, the rest the train split, so
             train and test never share a problem.
-        split: ``"train"`` or ``"test"``; ``None`` (the default): every row of data without a test
-            split (the data a caller hands over is what the env runs on), else ``"train"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``; ``None`` (the default): every row of data
+            without a test split (the data a caller hands over is what the env runs on), else ``"train"``.
         size: Number of problems; default 1000 generated, or every row of the data.
         seed: Seed of the generated problems.
         test_fraction: Share of the problem space held out as the test split.
+        validation_fraction: Share held out as the validation split (fitness), carved out of the
+            training share by the same hash (data with its own ``validation`` split gives that);
+            0 (the default) means no validation split, and the training split is as before.
         **knobs: The task's generator knobs (its config fields).
 
     Returns:
@@ -64,44 +68,59 @@ def build_problems(
         config = task.make_config(**knobs)
         return ProblemSet.generated(
             task, config, split=split or "train", size=1000 if size is None else size, seed=seed,
-            test_fraction=test_fraction,
+            test_fraction=test_fraction, validation_fraction=validation_fraction,
         )
     task.make_config(**knobs)  # still reject unknown knobs
     if isinstance(dataset, (str, Path)):
         config_name = task.hf_config if str(dataset) == task.hf_dataset else None
         dataset = load_hf_dataset(dataset, split=None, config_name=config_name)
-    rows = _take_split(task, dataset, split, test_fraction)
+    rows = _take_split(task, dataset, split, test_fraction, validation_fraction)
     return ProblemSet.from_dataset(task, rows, split=split or "train", size=size)
 
 
-def _take_split(task: Task, data: Any, split: str | None, test_fraction: float) -> Any:
-    """One split of ``data``: its own ``test``/``train`` when it has a test split, else a hash split (``None``: all)."""
+def _take_split(
+    task: Task, data: Any, split: str | None, test_fraction: float, validation_fraction: float = 0.0
+) -> Any:
+    """One split of ``data``: its own splits where it has them, else a hash split (``None``: all rows).
+
+    Data with a ``test`` split gives it; its ``validation`` split too, else validation is carved out
+    of its ``train`` split by hash (``validation_fraction`` of it). Data without a test split is split
+    three ways by hash.
+    """
+    if split is not None:
+        check_fractions(test_fraction, validation_fraction, split)
+        if split not in ALL_SPLITS:
+            raise UsageError(f"split must be one of {ALL_SPLITS}, got {split!r}")
+    test_share = test_fraction
     if isinstance(data, Mapping):  # a DatasetDict (it also has column_names: a dict per split)
         if "test" in data:
             split = split or "train"
-            if split not in data:
+            if split in data and (split != "train" or validation_fraction == 0 or "validation" in data):
+                return data[split]
+            if "train" not in data:
                 raise UsageError(f"the dataset has no split {split!r}; splits: {sorted(data.keys())}")
-            return data[split]
-        if "train" not in data:
+            test_share = 0.0  # the data's own test split is the test split: hash train vs validation only
+        elif "train" not in data:
             raise UsageError(f"the dataset needs a 'train' split (and optionally 'test'); splits: {sorted(data.keys())}")
         data = data["train"]
     if split is None:
         return data  # the caller's rows, all of them
-    if split not in ("train", "test"):
-        raise UsageError(f"split must be 'train' or 'test', got {split!r}")
     columns = getattr(data, "column_names", None) or []
     if not len(data) or columns and not set(task.columns) <= set(columns):
         return data  # ProblemSet.from_dataset reports the empty data or the missing column
-    logger.info("data has no test split: holding out %.0f%% of its problems by hash as the test split", 100 * test_fraction)
-    indices = [i for i, row in enumerate(data) if split_of(problem_key(row, task.columns), test_fraction) == split]
+    logger.info("holding out %.0f%% (test) and %.0f%% (validation) of the problems by hash",
+                100 * test_share, 100 * validation_fraction)  # fmt: skip
+    indices = [i for i, row in enumerate(data)
+               if split_of(problem_key(row, task.columns), test_share, validation_fraction) == split]  # fmt: skip
     kept = data.select(indices) if hasattr(data, "select") else [data[i] for i in indices]
     if len(kept) == 0:
         distinct = len({problem_key(row, task.columns) for row in data})
+        shares = f", {100 * validation_fraction:.0f}% validation" if validation_fraction else ""
         raise UsageError(
             f"the {split!r} split of the data is empty: the data has no test split, so its problems are split by hash "
-            f"({100 * test_fraction:.0f}% test), and none of its {distinct} distinct problems ({len(data)} rows) "
-            f"falls in {split!r}; give a DatasetDict with a 'test' split, more distinct problems, or "
-            f"split={'train' if split == 'test' else 'test'!r} (--split)"
+            f"({100 * test_share:.0f}% test{shares}), and none of its {distinct} "
+            f"distinct problems ({len(data)} rows) falls in {split!r}; give a DatasetDict with a 'test' split, more "
+            f"distinct problems, or split={'train' if split == 'test' else 'test'!r} (--split)"
         )
     return kept
 

@@ -2,7 +2,9 @@
 
 Generated splits are disjoint by construction: a problem belongs to the test split when a stable
 hash of its content falls in the test share, so no seed or size can make a training problem
-appear among the held-out ones. Generated problems are made lazily and cached, so an env of
+appear among the held-out ones. An optional validation split (fitness for evolution, so that
+selection never looks at the problems of the final table) takes the next share of the hash space,
+carved out of the training share: the test split stays the same with or without it. Generated problems are made lazily and cached, so an env of
 ``size=100_000`` costs nothing until its problems are drawn.
 """
 
@@ -22,12 +24,15 @@ from llm_gym.usage import MissingColumnError, UsageError, looks_like_path
 if TYPE_CHECKING:
     from llm_gym.task import Task
 
-__all__ = ["ProblemSet", "load_hf_dataset", "split_of", "SPLITS"]
+__all__ = ["ALL_SPLITS", "ProblemSet", "load_hf_dataset", "split_of", "SPLITS"]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-_SPLIT_SALT = {"train": 0, "test": 1}
+"""The two splits every task has."""
+ALL_SPLITS = ("train", "validation", "test")
+"""With the optional validation split (``validation_fraction > 0``)."""
+_SPLIT_SALT = {"train": 0, "test": 1, "validation": 2}
 _MAX_REJECTIONS = 10_000
 
 
@@ -40,18 +45,24 @@ def problem_key(problem: Mapping[str, Any], columns: Sequence[str]) -> str:
     return json.dumps({c: plain(problem[c]) for c in columns}, sort_keys=True, default=str)
 
 
-def split_of(key: str, test_fraction: float) -> str:
+def split_of(key: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
     """The split a problem belongs to, from a stable hash of its key.
+
+    The hash falls in one of 10,000 buckets: the first ``test_fraction`` of them are the test split,
+    the next ``validation_fraction`` the validation split, the rest the training split.
 
     Args:
         key: The problem's canonical text form.
         test_fraction: Share of the problem space held out for testing.
+        validation_fraction: Share held out for validation (fitness); 0 means no validation split.
 
     Returns:
-        ``"train"`` or ``"test"``.
+        ``"train"``, ``"validation"`` or ``"test"``.
     """
     bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000
-    return "test" if bucket < test_fraction * 10_000 else "train"
+    if bucket < test_fraction * 10_000:
+        return "test"
+    return "validation" if bucket < (test_fraction + validation_fraction) * 10_000 else "train"
 
 
 def load_hf_dataset(name_or_path: str | Path, split: str | None = "train", config_name: str | None = None) -> Any:
@@ -96,6 +107,23 @@ def load_hf_dataset(name_or_path: str | Path, split: str | None = "train", confi
     return loaded
 
 
+def check_fractions(test_fraction: float, validation_fraction: float, split: str) -> None:
+    """Refuse split shares that leave a split empty.
+
+    Raises:
+        ValueError: naming the bad share and a valid one.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if validation_fraction < 0 or test_fraction + validation_fraction >= 1.0:
+        raise ValueError(
+            f"validation_fraction={validation_fraction} must be >= 0 and leave a training share "
+            f"(test_fraction + validation_fraction < 1, test_fraction={test_fraction}); e.g. 0.1"
+        )
+    if split == "validation" and validation_fraction == 0:
+        raise ValueError("the validation split needs validation_fraction > 0 (e.g. 0.1)")
+
+
 class ProblemSet(Sequence):
     """An indexable, finite set of problems of one task and one split.
 
@@ -103,8 +131,8 @@ class ProblemSet(Sequence):
     """
 
     def __init__(self, task: Task, size: int, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in ALL_SPLITS:
+            raise ValueError(f"split must be one of {ALL_SPLITS}, got {split!r}")
         if size <= 0:
             raise ValueError(f"a problem set needs at least one problem; got size={size}")
         self.task = task
@@ -115,11 +143,12 @@ class ProblemSet(Sequence):
         self._config: Any = None
         self._seed = 0
         self._test_fraction = 0.2
+        self._validation_fraction = 0.0
 
     @classmethod
     def generated(
         cls, task: Task, config: Any, *, split: str = "train", size: int = 1000, seed: int = 0,
-        test_fraction: float = 0.2,
+        test_fraction: float = 0.2, validation_fraction: float = 0.0,
     ) -> ProblemSet:
         """Problems drawn from the task's generator.
 
@@ -127,14 +156,15 @@ class ProblemSet(Sequence):
         lands in ``split``: the same ``(seed, split, i)`` always gives the same problem.
 
         Raises:
-            ValueError: if the task has no generator.
+            ValueError: if the task has no generator, or the fractions leave no training share (or
+                no validation share for ``split="validation"``).
         """
         if task.generate is None:
             raise ValueError(f"{task.env_id} has no generator: pass dataset=<datasets.Dataset>")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        check_fractions(test_fraction, validation_fraction, split)
         problems = cls(task, size, split)
         problems._config, problems._seed, problems._test_fraction = config, seed, test_fraction
+        problems._validation_fraction = validation_fraction
         return problems
 
     @classmethod
@@ -186,6 +216,7 @@ class ProblemSet(Sequence):
         rng = np.random.default_rng([self._seed, _SPLIT_SALT[self.split], index])
         for _ in range(_MAX_REJECTIONS):
             problem = self.task.to_problem(self.task.generate(rng, self._config))
-            if split_of(problem_key(problem, self.task.columns), self._test_fraction) == self.split:
+            key = problem_key(problem, self.task.columns)
+            if split_of(key, self._test_fraction, self._validation_fraction) == self.split:
                 return problem
         raise RuntimeError(f"{self.task.env_id}: no {self.split} problem in {_MAX_REJECTIONS} draws")

@@ -61,6 +61,8 @@ class ReasoningGym:
             warning saying how many.
         seed: Seed of the per-epoch shuffling of the training problems.
         correct_part: Name of the rubric part that means "right answer" (for accuracy metrics).
+        validation_dataset: Optional validation problems (fitness for evolution), served by
+            ``eval_mode("validation")``; disjoint from both other splits when built by :meth:`from_task`.
 
     Raises:
         ValueError: empty data, bad batch size, or every problem filtered out.
@@ -80,6 +82,7 @@ class ReasoningGym:
         max_context_length: int | None = None,
         seed: int = 42,
         correct_part: str | None = None,
+        validation_dataset: Any = None,
     ) -> None:
         if data_batch_size_per_gpu < 1:
             raise ValueError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}")
@@ -96,10 +99,13 @@ class ReasoningGym:
             "train": self._prepare(_rows(train_dataset, "train_dataset"), "train"),
             "test": self._prepare(_rows(test_dataset, "test_dataset"), "test"),
         }
+        if validation_dataset is not None:
+            self._data["validation"] = self._prepare(_rows(validation_dataset, "validation_dataset"), "validation")
         self.evaluation_mode = False
+        self._eval_split = "test"
         self.num_epochs = 0
-        self._position = {"train": 0, "test": 0}
-        self._pending: dict[str, list[int] | None] = {"train": None, "test": None}
+        self._position = {name: 0 for name in self._data}
+        self._pending: dict[str, list[int] | None] = {name: None for name in self._data}
         self.last_scores: list[list[Score]] = []
         self.last_texts: list[list[str]] = []
 
@@ -166,7 +172,8 @@ class ReasoningGym:
         """Number of problems of ``split`` (default: the current one) on this process.
 
         Args:
-            split: ``"train"``, ``"test"`` or ``None`` for the current split.
+            split: ``"train"``, ``"test"``, ``"validation"`` (when the env has one) or ``None`` for
+                the current split.
 
         Returns:
             The count after ``max_context_length`` filtering and accelerator sharding.
@@ -196,17 +203,23 @@ class ReasoningGym:
         if split is None:
             return self.split
         if split not in self._data:
-            raise ValueError(f"split must be 'train', 'test' or None (the current one), got {split!r}")
+            extra = "" if "validation" in self._data else " ('validation' needs a validation_dataset)"
+            raise ValueError(f"split must be 'train', 'test' or None (the current one), got {split!r}{extra}")
         return split
 
     @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this env serves: ``("train", "test")``, plus ``"validation"`` when it has one."""
+        return tuple(self._data)
+
+    @property
     def split(self) -> str:
-        """``"test"`` inside :meth:`eval_mode`, else ``"train"``."""
-        return "test" if self.evaluation_mode else "train"
+        """The split :meth:`eval_mode` serves (``"test"`` by default) inside it, else ``"train"``."""
+        return self._eval_split if self.evaluation_mode else "train"
 
     def _order(self, split: str) -> np.ndarray:
         n = len(self._data[split]["rows"])
-        if split == "test":
+        if split != "train":
             return np.arange(n)
         return np.random.default_rng([self.seed, self.num_epochs]).permutation(n)
 
@@ -335,14 +348,38 @@ class ReasoningGym:
         return [str(c) for c in completion]
 
     @contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Serve the test split inside the ``with`` block, then restore the previous mode."""
-        previous = self.evaluation_mode
-        self.evaluation_mode = True
+    def side_batch(self) -> Iterator[None]:
+        """Draw and score extra batches inside the block, then restore the pending batch.
+
+        Dynamic sampling (:mod:`~llm_gym.algorithms.grpo.dynamic`) refills one agent's batch with
+        ``reset()`` + ``score()`` here while the step's shared batch stays pending for the other
+        agents. The data position moves on: the extra problems are consumed.
+        """
+        split = self.split
+        saved = self._pending[split]
         try:
             yield
         finally:
-            self.evaluation_mode = previous
+            self._pending[split] = saved
+
+    @contextmanager
+    def eval_mode(self, split: str = "test") -> Iterator[None]:
+        """Serve a held-out split inside the ``with`` block, then restore the previous mode.
+
+        Args:
+            split: ``"test"`` (the final report) or ``"validation"`` (fitness, when the env has one).
+
+        Raises:
+            ValueError: On ``"train"`` or a split the env does not have.
+        """
+        if split == "train" or self._check_split(split) != split:
+            raise ValueError(f"eval_mode serves a held-out split ('test' or 'validation'), got {split!r}")
+        previous = self.evaluation_mode, self._eval_split
+        self.evaluation_mode, self._eval_split = True, split
+        try:
+            yield
+        finally:
+            self.evaluation_mode, self._eval_split = previous
 
     def last_metrics(self) -> dict[str, float]:
         """Mean total and per-part rewards of the last scored batch (``reward/<part>``)."""
@@ -364,7 +401,7 @@ class ReasoningGym:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the pending batches are not restored: call ``reset``)."""
         self.num_epochs = int(state["num_epochs"])
-        self._position = {k: int(v) for k, v in state["position"].items()}
+        self._position.update({k: int(v) for k, v in state["position"].items()})
         self.seed = int(state["seed"])
 
     # ------------------------------------------------------------ builders
@@ -381,6 +418,8 @@ class ReasoningGym:
         data_batch_size_per_gpu: int = 8,
         conversation_template: Sequence[Mapping[str, str]] | None = None,
         reward_fn: Rubric | Callable[..., float] | None = None,
+        validation_size: int | None = 0,
+        validation_fraction: float = 0.1,
         **kwargs: Any,
     ) -> ReasoningGym:
         """A ReasoningGym over a registered task: its problems, template and rubric.
@@ -395,6 +434,10 @@ class ReasoningGym:
             data_batch_size_per_gpu: Prompts per batch.
             conversation_template: Overrides the task's template.
             reward_fn: Overrides the task's rubric.
+            validation_size: Validation problems (fitness); 0 means no validation split (and the
+                training problems are exactly those of an env without one); ``None``: all rows.
+            validation_fraction: Share of the problem space (hash buckets) the validation split
+                takes out of the training share when ``validation_size`` is not 0.
             **kwargs: The task's knobs, plus ``max_context_length``, ``return_raw_completions``,
                 ``accelerator``.
 
@@ -406,8 +449,12 @@ class ReasoningGym:
 
         task = get_task(env_id)
         own = {k: kwargs.pop(k) for k in ("max_context_length", "return_raw_completions", "accelerator") if k in kwargs}
-        train = build_problems(task, dataset=dataset, split="train", size=train_size, seed=seed, **kwargs)
-        test = build_problems(task, dataset=dataset, split="test", size=test_size, seed=seed, **kwargs)
+        fraction = validation_fraction if validation_size != 0 else 0.0
+        splits = {name: build_problems(task, dataset=dataset, split=name, size=size, seed=seed,
+                                       validation_fraction=fraction, **kwargs)
+                  for name, size in (("train", train_size), ("test", test_size), ("validation", validation_size))
+                  if name != "validation" or fraction}  # fmt: skip
+        train, test = splits["train"], splits["test"]
         gym = cls(
             train_dataset=list(train),
             test_dataset=list(test),
@@ -417,6 +464,7 @@ class ReasoningGym:
             data_batch_size_per_gpu=data_batch_size_per_gpu,
             seed=seed,
             correct_part=task.correct_part if reward_fn is None else None,
+            validation_dataset=list(splits["validation"]) if "validation" in splits else None,
             **own,
         )
         gym.task = task

@@ -17,3 +17,44 @@ def test_step_flops_counts_each_prompt_once_and_three_update_passes():
     no_kl = dataclasses.replace(work, beta=0.0)  # no reference pass
     assert step_flops(1000, 10.0, no_kl, 100.0) == pytest.approx(2 * 1000 * 140 + 4 * 1000 * 140)
 
+
+
+def test_seed_summary_by_hand():
+    from benchmarks.learning import seed_summary
+
+    # mean 3; sample variance ((1-3)^2 + (2-3)^2 + (6-3)^2) / 2 = 7; s.e. sqrt(7 / 3) = 1.527525
+    assert seed_summary([1.0, 2.0, 6.0]) == {"seeds": 3, "mean": 3.0, "se": pytest.approx(1.527525, abs=1e-6)}
+
+
+def test_token_counter_sums_every_agents_generated_tokens():
+    from benchmarks.evolution import TokenCounter
+
+    counter = TokenCounter()
+    counter.log({"agent0/completion/generated_tokens": 10.0, "agent1/completion/generated_tokens": 5.0,
+                 "agent0/completion/length_mean": 3.0}, 1)  # fmt: skip
+    counter.log({"agent0/completion/generated_tokens": 2.0}, 2)
+    assert counter.tokens == 17.0
+
+
+@pytest.mark.timeout(600)
+def test_learning_benchmark_quick_mode_reports_gain_per_seed(tmp_path):
+    from benchmarks.learning import main
+
+    record = main(["--quick", "--seeds", "2", "--no-cache", "--results-dir", str(tmp_path)])
+    assert [r["config"]["seed"] for r in record["seeds"]] == [0, 1]
+    gains = [r["accuracy_gain_points"] for r in record["seeds"]]
+    assert record["gain_points"]["mean"] == pytest.approx(sum(gains) / 2)
+    table = (tmp_path / "learning_seeds.md").read_text()
+    assert "| seed | SFT exact acc." in table and "mean gain over 2 seeds:" in table
+
+
+@pytest.mark.timeout(600)
+def test_evolution_benchmark_quick_mode_matches_generated_tokens(tmp_path):
+    from benchmarks.evolution import main
+
+    record = main(["--quick", "--no-cache", "--results-dir", str(tmp_path)])
+    (seed,) = record["seeds"]
+    evolution, single = seed["evolution"]["generated_tokens"], seed["single"]["generated_tokens"]
+    # The single agent stops at the first step that reaches the population's tokens: within one step.
+    assert evolution > 0 and evolution <= single <= evolution + 2 * 4 * 12
+    assert "evolution minus single agent:" in (tmp_path / "evolution.md").read_text()

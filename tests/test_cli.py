@@ -25,6 +25,7 @@ sft_batch_size: 8
 population: 2
 train_size: 16
 test_size: 4
+validation_size: 4
 prompts_per_step: 2
 group_size: 2
 max_output_tokens: 12
@@ -60,6 +61,11 @@ def test_train_runs_the_pipeline_then_resumes(tmp_path, capsys, monkeypatch):
     assert "SFT start" in out and "elite (GRPO)" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sft"]["problems"] == 4 and set(summary["elite"]) >= {"reward/total", "accuracy"}
+    assert summary["elite"]["problems"] == 4 and summary["elite_validation"]["problems"] == 4
+    acc = summary["sft"]["accuracy"]
+    assert summary["sft"]["accuracy_se"] == pytest.approx((acc * (1 - acc) / 4) ** 0.5)
+    assert summary["gain"] == pytest.approx(summary["elite"]["accuracy"] - acc)
+    assert "exact accuracy" in out and "+- s.e." in out and "gain in exact accuracy:" in out
     assert (run / "metrics.csv").is_file() and (run / "learning_curve.png").is_file()
     assert any((run / "elites").glob("elite-step*"))
     state = json.loads((run / "checkpoints" / "latest" / "state.json").read_text())

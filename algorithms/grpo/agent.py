@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.grpo import update
+from llm_gym.algorithms.grpo import dynamic, update
 from llm_gym.algorithms.grpo.config import FIXED_SETTINGS, GRPOConfig
 from llm_gym.algorithms.grpo.model import (
     adapter_params,
@@ -317,18 +316,26 @@ class GRPO:
             ``loss/policy``, ``grpo/clip_fraction``, ``grpo/ratio_mean``,
             ``grpo/frac_reward_zero_std``, ``grpo/entropy``, ``completion/length_mean``,
             ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``.
+            With ``dynamic_sampling`` the groups whose rewards all tie are dropped first
+            (:func:`~llm_gym.algorithms.grpo.dynamic.drop_zero_std`) and
+            ``grpo/frac_reward_zero_std`` is their share of the batch given.
 
         Raises:
             ValueError: On shapes that do not match ``[P, G]``.
         """
-        return update.learn(self, experiences)
+        if not self.hps.dynamic_sampling:
+            return update.learn(self, experiences)
+        experiences, zero_std = dynamic.drop_zero_std(experiences)
+        return {**update.learn(self, experiences), "grpo/frac_reward_zero_std": zero_std}
 
     # ------------------------------------------------------------- evaluation
-    def test(self, env: Any, max_problems: int | None = None) -> float:
-        """Fitness: mean total reward of greedy completions over the env's test split.
+    def test(
+        self, env: Any, max_problems: int | None = None, *, split: str = "test", fitness: str = "reward"
+    ) -> float:
+        """Fitness: greedy completions over a held-out split of the env, scored as ``fitness`` says.
 
-        Every test problem is answered exactly once (or the first ``max_problems``, rounded up to
-        whole batches), through the same rollout as training
+        Every problem of the split is answered exactly once (or the first ``max_problems``, rounded
+        up to whole batches), through the same rollout as training
         (:func:`~llm_gym.algorithms.rollout.rollout.evaluate`). The env's training position and
         pending training batch are untouched: ReasoningGym keeps them per split.
 
@@ -336,13 +343,19 @@ class GRPO:
             env: A :class:`~llm_gym.reasoning_gym.ReasoningGym`, or a multi-turn env of the
                 rollout's protocol.
             max_problems: Evaluate at most about this many problems.
+            split: ``"test"``, or ``"validation"`` (selection on problems the final table never uses).
+            fitness: ``"reward"``: the mean total reward (AgileRL's); ``"accuracy"``: exact accuracy,
+                ties broken by total reward (:func:`~llm_gym.algorithms.evolution.fitness.accuracy_fitness`).
 
         Returns:
             The fitness, also appended to ``self.fitness``; every metric of the evaluation is
             stored in ``self.last_eval``.
         """
-        self.last_eval = evaluate(self, env, max_problems)
-        score = self.last_eval.get("reward/total", math.nan)
+        from llm_gym.algorithms.evolution.fitness import fitness_of
+
+        self.last_eval = evaluate(self, env, max_problems, split=split)
+        rubric = getattr(env, "rubric", None)
+        score = fitness_of(self.last_eval, fitness, getattr(rubric, "max_total", None))
         self.fitness.append(score)
         return score
 

@@ -65,6 +65,12 @@ class GRPOConfig:
     """A loss variant of :data:`~llm_gym.algorithms.grpo.loss.LOSS_VARIANTS`: ``"grpo"``, ``"dr_grpo"``, ``"dapo"``."""
     scale_rewards: bool = True
     """Divide advantages by the group std (True) or only centre them (False, Dr. GRPO)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (:mod:`~llm_gym.algorithms.grpo.dynamic`): drop groups whose completions
+    all score the same and, in the training loop, draw more prompts to refill the batch."""
+    max_refills: int = 3
+    """Extra prompt batches the training loop may draw per step to refill it (dynamic sampling);
+    after these it trains on the informative groups it has."""
     max_model_len: int | None = None
     """Context length (prompt + completion). When a prompt plus ``max_output_tokens`` does not fit,
     the batch's generation budget is cut to fit (warned once); a prompt that fills it alone is an error."""
@@ -97,6 +103,7 @@ class GRPOConfig:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
             ("max_output_tokens", self.max_output_tokens >= 1, ">= 1"),
+            ("max_refills", self.max_refills >= 0, ">= 0 (0: drop zero-variance groups, never refill)"),
         ]
         for name, ok, rule in checks:
             if not ok:

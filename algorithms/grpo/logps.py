@@ -256,8 +256,20 @@ def _shared_logits(model: Any, groups: PromptGroups) -> Tensor:
     return torch.cat([head[groups.group], tail], dim=1)  # [b, S, V]
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature``: the distribution the sampler drew from (``decoding.filter_logits``).
+
+    Scoring the samples of ``softmax(z / T)`` with ``softmax(z)`` would make the policy gradient
+    ``A * grad log pi_1(y)`` for ``y ~ pi_T``, a biased estimate of the sampled policy's gradient;
+    TRL divides by the temperature here as well. T = 1 skips the copy.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score sampled tokens, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def completion_logps(
-    model: Any, mb: MiniBatch, *, entropy: bool = False, share_prompt: bool = True
+    model: Any, mb: MiniBatch, *, entropy: bool = False, share_prompt: bool = True, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token after the prompt, in the mini-batch's completion window.
 
@@ -267,6 +279,12 @@ def completion_logps(
         entropy: Also return the per-token entropy of the policy (no gradient).
         share_prompt: Run each distinct prompt once and reuse its KV cache across its group; off
             (or when :func:`prompt_groups` finds nothing to share) every row runs in full.
+        temperature: The sampling temperature: the logits are divided by it before the softmax,
+            so the tokens are scored under the distribution they were sampled from (top-k/top-p
+            truncation is not applied, as in TRL). Entropies are of the same distribution.
+
+    Raises:
+        ValueError: On a temperature <= 0.
 
     Returns:
         ``(logp, entropy)``, both ``[b, T - 1 - first]`` aligned with ``mb.mask`` (column ``j``
@@ -278,9 +296,10 @@ def completion_logps(
         keep = {"logits_to_keep": mb.ids.shape[1] - mb.first} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=mb.ids, attention_mask=mb.attention, use_cache=False, **keep).logits
         logits = logits[:, mb.first - mb.ids.shape[1] : -1]  # [b, t, V]: position t predicts token t + 1
+        logits = _scaled(logits, temperature)
         logp = selective_log_softmax(logits, mb.ids[:, mb.first + 1 :])  # [b, t]
         return logp, (token_entropy(logits.detach()) if entropy else None)
-    logits = _shared_logits(model, groups)  # [b, S, V]
+    logits = _scaled(_shared_logits(model, groups), temperature)  # [b, S, V]
     logp = selective_log_softmax(logits, groups.suffix_ids)  # [b, S]
     ent = token_entropy(logits.detach()) if entropy else None
     # Back to the window layout: window column j scores token first + j + 1 = suffix index

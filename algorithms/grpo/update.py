@@ -64,8 +64,15 @@ class EpochTotals:
 
 
 def policy_logps(agent: Any, mb: MiniBatch, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Log-probs (and optionally entropies) of ``mb``'s tokens under the agent's current model."""
-    return completion_logps(agent.model, mb, entropy=entropy, share_prompt=agent.share_prompt_forward)
+    """Log-probs (and optionally entropies) of ``mb``'s tokens under the agent's current model.
+
+    Scored at the agent's sampling temperature (its ``temperature`` gene), like the old-policy and
+    reference log-probs (:func:`frozen_logps` goes through here), so the ratio and the KL compare
+    the same tempered distributions.
+    """
+    return completion_logps(
+        agent.model, mb, entropy=entropy, share_prompt=agent.share_prompt_forward, temperature=agent.hps.temperature
+    )
 
 
 @torch.no_grad()

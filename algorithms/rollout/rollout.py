@@ -133,9 +133,10 @@ def evaluate(
     max_problems: int | None = None,
     *,
     greedy: bool = True,
+    split: str = "test",
     records: list[RolloutRecord] | None = None,
 ) -> dict[str, float]:
-    """Mean rewards of ``policy`` on the env's held-out split: every problem once, in a fixed order.
+    """Mean rewards of ``policy`` on a held-out split of the env: every problem once, in a fixed order.
 
     Fitness is measured on the same fixed problems for every agent and every evaluation, so agents
     are compared on equal terms, and the env's training position is untouched (ReasoningGym keeps
@@ -150,18 +151,20 @@ def evaluate(
             ``group_size`` completions per problem with its sampling settings: the policy's expected
             reward, which moves smoothly where the greedy output of a small model flips for every
             problem at once.
+        split: ``"test"`` (the final report) or ``"validation"`` (fitness: selection then never
+            sees the report's problems; a ReasoningGym built with ``validation_size``).
         records: When given (a single-turn env), every scored completion is appended to it as a
             :class:`~llm_gym.rollout_record.RolloutRecord` (``llm-gym eval``'s report and dataset).
 
     Returns:
         The metrics of the module docstring, ``problems`` included.
     """
-    total = env.num_problems("test")
+    total = env.num_problems(split)
     if max_problems is not None:
         total = min(total, max_problems)
     sums: dict[str, float] = {}
     seen = 0
-    with env.eval_mode():
+    with env.eval_mode() if split == "test" else env.eval_mode(split):  # a multi-turn env takes no split
         prompts = env.reset(reset_dataloaders=True)
         while True:
             problems = env.pending_problems() if records is not None else None

@@ -4,7 +4,7 @@ The loop reads top to bottom, once per training step::
 
     prompts (one batch, the same for every agent)
       -> for each agent: rollout (generate -> score, :mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
-    every evaluation_interval steps: fitness = held-out evaluation (fixed test problems, greedy)
+    every evaluation_interval steps: fitness = held-out evaluation (fixed test or validation problems, greedy)
     every evo_steps steps:           tournament selection -> save elite -> mutation
     every checkpoint_interval steps: whole-population checkpoint (atomic)
     -> next batch
@@ -34,8 +34,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from llm_gym.algorithms.evolution.fitness import fitness_of
 from llm_gym.algorithms.evolution.lineage import merge_events
-from llm_gym.algorithms.rollout.rollout import Rollout, rollout
+from llm_gym.algorithms.grpo import dynamic
+from llm_gym.algorithms.rollout.rollout import Rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population, write_with_tokenizer
 from llm_gym.algorithms.run.elites import EliteStore
 from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, cut_logs, make_logger
@@ -126,6 +128,8 @@ class _Run:
     checkpoint_path: str | None = None
     checkpoint_interval: int | None = None
     max_reward_reached: bool = False
+    fitness: str = "reward"
+    fitness_split: str = "test"
 
     @property
     def evolve(self) -> bool:
@@ -135,8 +139,9 @@ class _Run:
         """Every agent: rollout on ``prompts`` -> learn; returns the step's metrics (``agent<slot>/...``)."""
         step_metrics: dict[str, float] = {}
         for slot, agent in enumerate(self.pop):
-            batch = rollout(agent, self.env, prompts)
-            metrics = agent.learn(batch.experience)
+            sampled = dynamic.sample(agent, self.env, prompts)  # a rollout; refilled with dynamic sampling
+            batch = sampled.first
+            metrics = agent.learn(sampled.batch.experience) | sampled.metrics
             metrics.update({f"train/{k}": v for k, v in batch.metrics.items()})
             step_metrics.update({f"agent{slot}/{k}": float(v) for k, v in metrics.items()})
             if self.sample_interval and step % self.sample_interval == 0:
@@ -153,7 +158,8 @@ class _Run:
     def evaluate(self, step: int, step_metrics: dict[str, float]) -> None:
         """Fitness of every agent, then evolution or the final elite, then the ``max_reward`` stop."""
         for agent in self.pop:
-            fitness = agent.test(self.env, max_problems=self.eval_problems)
+            fitness = agent.test(self.env, max_problems=self.eval_problems, split=self.fitness_split,
+                                 fitness=self.fitness)  # fmt: skip
             accuracy = agent.last_eval.get("accuracy", math.nan)
             self.state.records.append({"step": step, "agent": int(agent.index), "fitness": float(fitness),
                                        "accuracy": float(accuracy)})  # fmt: skip
@@ -304,6 +310,9 @@ def finetune_llm_reasoning(
     keep_elites: int = 3,
     sample_interval: int = 10,
     loggers: MetricLogger | None = None,
+    fitness: str = "reward",
+    fitness_split: str = "test",
+    initial_eval: dict[str, float] | None = None,
 ) -> list[Any]:
     """Train a population of GRPO agents on a :class:`~llm_gym.reasoning_gym.ReasoningGym`.
 
@@ -345,6 +354,15 @@ def finetune_llm_reasoning(
         keep_elites: How many elite checkpoints to keep.
         sample_interval: Steps between completion samples written to ``completions.jsonl``.
         loggers: Metric sinks to use instead of the default CSV + TensorBoard (+ W&B).
+        fitness: ``"reward"`` (mean greedy total reward, AgileRL's) or ``"accuracy"`` (exact
+            accuracy, ties broken by total reward: ranks agents where the format reward saturates;
+            :mod:`~llm_gym.algorithms.evolution.fitness`).
+        fitness_split: The split fitness is measured on: ``"test"``, or ``"validation"`` so that
+            selection never sees the problems a final report is measured on (a ReasoningGym built
+            with ``validation_size``).
+        initial_eval: The starting model's evaluation on the fitness split (every agent starts as
+            it, e.g. the SFT model under fresh LoRA adapters): recorded at step 0 for every agent,
+            so the learning curve starts there (not on resume).
 
     Returns:
         The final population.
@@ -366,6 +384,10 @@ def finetune_llm_reasoning(
         raise ValueError(f"checkpoint_interval must be >= 1 or None, got {checkpoint_interval}")
 
     start, state, saved_run_dir = _resume(resume_from, pop, env, evolve, tournament, mutation, max_steps)
+    if initial_eval is not None and start == 0:
+        score = fitness_of(initial_eval, fitness, getattr(getattr(env, "rubric", None), "max_total", None))
+        state.records.extend({"step": 0, "agent": int(a.index), "fitness": score,
+                              "accuracy": float(initial_eval.get("accuracy", math.nan))} for a in pop)  # fmt: skip
     run_dir = Path(log_dir or saved_run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if resume_from:
         cut_logs(run_dir, start)  # steps after the checkpoint are trained and logged again
@@ -379,10 +401,17 @@ def finetune_llm_reasoning(
         elites=EliteStore(elite_path or "checkpoints", keep=keep_elites) if save_elite else None,
         tournament=tournament if evolve else None, mutation=mutation if evolve else None,
         evo_steps=evo_steps if evolve else None, checkpoint_path=checkpoint_path, checkpoint_interval=checkpoint_interval,
+        fitness=fitness, fitness_split=fitness_split,
     )  # fmt: skip
     run.loop(env.reset(reset_dataloaders=not resume_from and start == 0), start)
     if state.records:
-        plot_learning_curve(state.records, run_dir / "learning_curve.png", events=state.events, max_fitness=max_reward)
+        by_accuracy = fitness == "accuracy"
+        plot_learning_curve(
+            state.records, run_dir / "learning_curve.png", events=state.events,
+            max_fitness=None if by_accuracy else max_reward, value="accuracy" if by_accuracy else "fitness",
+            title=f"Population: exact accuracy on the {fitness_split} split" if by_accuracy else "Population fitness",
+            ylabel=f"exact accuracy ({fitness_split})" if by_accuracy else "fitness",
+        )  # fmt: skip
     return run.pop
 
 

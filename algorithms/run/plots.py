@@ -18,19 +18,26 @@ def plot_learning_curve(
     events: Sequence[Mapping[str, Any]] = (),
     title: str = "Population fitness",
     max_fitness: float | None = None,
+    value: str = "fitness",
+    ylabel: str | None = None,
 ) -> Path:
-    """Plot every agent's fitness over training, with selections and mutations marked.
+    """Plot every agent's fitness (or another evaluated value) over training, with selections and mutations.
 
-    Each agent is one line (fitness vs step). A dashed grey segment joins a parent's last point
+    Each agent is one line (value vs step). A dashed grey segment joins a parent's last point
     before a ``selected``/``elite`` event to its clone's first point; mutations are marked with a
-    triangle labelled by the mutated hyper-parameter; a black line follows the population best.
+    triangle labelled ``a<agent> <hyper-parameter>``, labels at the same step stacked so none
+    overlaps; a black line follows the population best. Records at step 0 (the starting model,
+    e.g. the SFT start) are drawn as the start of every line, with a dotted line at their level.
+    The legend sits outside the axes, right of the data.
 
     Args:
-        records: Fitness evaluations: mappings with ``step``, ``agent`` and ``fitness``.
+        records: Evaluations: mappings with ``step``, ``agent`` and ``value``.
         path: PNG file to write (parent directories are created).
         events: Lineage events (see :func:`llm_gym.algorithms.evolution.lineage.lineage_events`).
         title: Figure title.
         max_fitness: If given, a dotted reference line (e.g. the maximum reward).
+        value: The record key to plot: ``"fitness"`` or ``"accuracy"`` (exact accuracy).
+        ylabel: Y-axis title; default ``value``.
 
     Returns:
         The PNG path.
@@ -44,7 +51,8 @@ def plot_learning_curve(
 
     series: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for rec in records:
-        series[int(rec["agent"])].append((int(rec["step"]), float(rec["fitness"])))
+        if value in rec:
+            series[int(rec["agent"])].append((int(rec["step"]), float(rec[value])))
     if not series:
         raise ValueError("plot_learning_curve got no fitness records: evaluate the population first.")
     for points in series.values():
@@ -57,10 +65,10 @@ def plot_learning_curve(
             return None
         return picked[0] if after else picked[-1]
 
-    fig = Figure(figsize=(10, 6), dpi=100)
+    fig = Figure(figsize=(11, 6), dpi=100)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["tab10"]
-    label_agents = len(series) <= 12  # beyond that a legend hides the plot
+    label_agents = len(series) <= 24  # the legend sits outside the axes: it hides no data
     for n, (agent, points) in enumerate(sorted(series.items())):
         steps, values = zip(*points)
         label = f"agent {agent}" if label_agents else None
@@ -70,6 +78,10 @@ def plot_learning_curve(
         for step, value in points:
             best[step] = max(best.get(step, -math.inf), value)
     ax.plot(sorted(best), [best[s] for s in sorted(best)], color="black", lw=2.0, label="best")
+    start = [v for points in series.values() for step, v in points if step == 0]
+    if start:
+        ax.axhline(max(start), ls=":", color="tab:grey", lw=1.2, label=f"start (step 0): {max(start):.3f}")
+    labels_at: dict[tuple[int, float], int] = defaultdict(int)  # mutation labels already placed at a point
 
     for event in events:
         kind, step, agent = event.get("event"), int(event.get("step", 0)), event.get("agent")
@@ -84,16 +96,27 @@ def plot_learning_curve(
             at = value_at(int(agent), step, after=True) or value_at(int(agent), step, after=False)
             if at:
                 ax.plot(*at, marker="^", markersize=8, color="red", markeredgecolor="black")
+                # Stack the labels of one step (every mutated agent, often at the same point).
+                k = labels_at[(at[0], round(at[1], 9))]
+                labels_at[(at[0], round(at[1], 9))] += 1
                 ax.annotate(
-                    str(event.get("hp", "")), at, textcoords="offset points", xytext=(4, 6), fontsize=7
+                    f"a{agent} {event.get('hp', '')}", at, textcoords="offset points", xytext=(5, 6 + 10 * k),
+                    fontsize=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                 )
     if max_fitness is not None:
         ax.axhline(max_fitness, ls=":", color="grey", lw=1.0)
+    # Headroom above the highest point for the stacked mutation labels (one row of text ~ 4 %).
+    values = [v for points in series.values() for _, v in points if math.isfinite(v)]
+    if values:
+        low, high = min(values), max(values)
+        span = (high - low) or max(abs(high), 1.0) * 0.1
+        rows = max(labels_at.values(), default=0)
+        ax.set_ylim(low - 0.05 * span, high + span * (0.08 + 0.05 * rows))
     ax.set_xlabel("training step")
-    ax.set_ylabel("fitness")
+    ax.set_ylabel(ylabel or value)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

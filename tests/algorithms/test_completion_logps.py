@@ -137,3 +137,50 @@ def test_learn_is_unchanged_by_the_update_optimisations(switch):
         torch.testing.assert_close(shared[name], value, atol=5e-6, rtol=1e-5)
     assert shared_metrics["loss"] == pytest.approx(plain_metrics["loss"], abs=1e-6)
     assert shared_metrics["loss/kl"] == pytest.approx(plain_metrics["loss/kl"], abs=1e-6)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose every position predicts the logits [2, 1, 0] (vocabulary 3)."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        from types import SimpleNamespace
+
+        logits = torch.tensor([2.0, 1.0, 0.0]).expand(*input_ids.shape, 3)
+        return SimpleNamespace(logits=logits)
+
+
+def test_log_probs_are_scored_at_the_sampling_temperature_by_hand():
+    # One row: prompt [1], completion [0, 2]. At T = 0.7 the logits [2, 1, 0] become
+    # [2.857143, 1.428571, 0]; log-softmax of token 0 = -ln(1 + e^-1.428571 + e^-2.857143)
+    # = -ln(1 + 0.239651 + 0.057433) = -ln(1.297084) = -0.260118, of token 2 = -2.857143 - 0.260118 = -3.117261.
+    ids = torch.tensor([[1, 0, 2]])
+    mb = MiniBatch(rows=slice(0, 1), ids=ids, attention=torch.ones_like(ids), first=0,
+                   mask=torch.tensor([[True, True]]))  # fmt: skip
+    logp, ent = completion_logps(_FixedLogits(), mb, entropy=True, share_prompt=False, temperature=0.7)
+    torch.testing.assert_close(logp, torch.tensor([[-0.260118, -3.117261]]), atol=1e-5, rtol=0)
+    # p = [0.770960, 0.184761, 0.044278]: entropy -sum p ln p = 0.200541 + 0.312005 + 0.138027 = 0.650573
+    torch.testing.assert_close(ent, torch.tensor([[0.650573, 0.650573]]), atol=1e-5, rtol=0)
+    at_one, _ = completion_logps(_FixedLogits(), mb, share_prompt=False)  # T = 1: -ln(1 + e^-1 + e^-2)
+    torch.testing.assert_close(at_one, torch.tensor([[-0.407606, -2.407606]]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        completion_logps(_FixedLogits(), mb, share_prompt=False, temperature=0.0)
+
+
+def test_learn_scores_policy_old_and_reference_at_the_agent_temperature():
+    agent = _agent_with_lora()
+    agent.set_hp("temperature", 0.7)
+    (mb,) = mini_batches(_packed(agent, PROMPTS), 64)
+    agent.model.eval()
+    with torch.no_grad():
+        full = agent.model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, mb.first : -1]
+        expected = torch.log_softmax(full / 0.7, -1).gather(-1, mb.ids[:, mb.first + 1 :, None])[..., 0]
+        with base_model_only(agent.model):
+            ref_full = agent.model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, mb.first : -1]
+        ref_expected = torch.log_softmax(ref_full / 0.7, -1).gather(-1, mb.ids[:, mb.first + 1 :, None])[..., 0]
+        policy, _ = agent._logps(mb)
+    (old,) = agent._frozen_logps([mb], reference=False)
+    (ref,) = agent._frozen_logps([mb], reference=True)
+    for got, want in ((policy, expected), (old, expected), (ref, ref_expected)):
+        torch.testing.assert_close(got[mb.mask], want[mb.mask], atol=1e-5, rtol=0)
+    untempered = torch.log_softmax(full, -1).gather(-1, mb.ids[:, mb.first + 1 :, None])[..., 0]
+    assert (policy - untempered)[mb.mask].abs().max() > 1e-2  # T = 0.7 really changes the scores

@@ -419,3 +419,56 @@ def test_log_scale_gene_at_zero_is_left_off_by_mutation():
     )
     with pytest.raises(ValueError, match=r"every gene of agent 0 is a log-scale gene at 0 \(\['beta'\]\)"):
         only_beta.mutation([Agent()])
+
+
+# ---------------------------------------------------------------- fitness that can rank
+
+
+class _SometimesRight:
+    """The oracle's answer on every ``every``-th pending problem; elsewhere a well-formatted wrong one."""
+
+    def __init__(self, env, every: int) -> None:
+        self.env, self.every, self.seen = env, every, 0
+
+    def get_action(self, prompts, training=False):
+        out = []
+        for problem in self.env.pending_problems():
+            right = self.seen % self.every == 0 if self.every else False
+            self.seen += 1
+            out.append([self.env.task.solve(problem) if right else "</think>\n<answer>1 + 1</answer>"])
+        return out, None
+
+
+def test_accuracy_fitness_ranks_where_the_total_reward_does_not():
+    from llm_gym.algorithms.evolution.fitness import accuracy_fitness, fitness_of
+
+    saturated = {"accuracy": 0.0, "reward/total": 1.0, "problems": 100}  # format right, never the answer
+    better = {"accuracy": 0.2, "reward/total": 0.9, "problems": 100}
+    assert fitness_of(saturated, "reward", None) > fitness_of(better, "reward", None)
+    assert accuracy_fitness(better, 2.0) > accuracy_fitness(saturated, 2.0)
+    # Equal accuracy: the higher total reward wins; but never against one more solved problem.
+    assert accuracy_fitness({**better, "reward/total": 1.2}, 2.0) > accuracy_fitness(better, 2.0)
+    one_more = {"accuracy": 0.21, "reward/total": 0.0, "problems": 100}
+    assert accuracy_fitness(one_more, 2.0) > accuracy_fitness({**better, "reward/total": 2.0}, 2.0)
+    assert accuracy_fitness(better, 2.0) == pytest.approx(0.2 + 0.45 / 101)
+    assert accuracy_fitness({"reward/total": 0.7}, 2.0) == 0.7  # no accuracy known: the reward
+    with pytest.raises(ValueError, match="^unknown fitness 'f1'; valid: \\['reward', 'accuracy'\\]$"):
+        fitness_of(better, "f1", 2.0)
+
+
+def test_selection_on_validation_accuracy_picks_the_better_agent():
+    from llm_gym.algorithms.evolution.fitness import fitness_of
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    knobs = {"min_numbers": 3, "max_numbers": 3, "max_number": 9, "max_target": 30}
+    env = ReasoningGym.from_task("llm_gym/Countdown-v0", None, train_size=20, test_size=20, validation_size=40,
+                                 seed=0, **knobs)  # fmt: skip
+    # Agent 0 always answers in the format but never right; agent 1 solves every 4th problem and
+    # answers the rest wrongly in the same format: its total reward is higher only through the answers.
+    evals = [evaluate(_SometimesRight(env, every), env, split="validation") for every in (0, 4)]
+    assert [e["problems"] for e in evals] == [40.0, 40.0]
+    assert evals[0]["accuracy"] == 0.0 and evals[1]["accuracy"] == pytest.approx(0.25)
+    pop = [FakeAgent(i, [fitness_of(e, "accuracy", env.rubric.max_total)]) for i, e in enumerate(evals)]
+    elite, new_pop = TournamentSelection(2, True, 2, rand_seed=0).select(pop)
+    assert elite.index == 1 and new_pop[0].index == 1  # the better agent is the elite, in slot 0

@@ -74,3 +74,19 @@ def test_evaluation_uses_greedy_single_completions(monkeypatch):
     torch.manual_seed(0)
     agent.test(env)
     assert seen == [(2, False), (2, False), (1, False)]
+
+
+def test_fitness_on_the_validation_split_never_reads_test_answers():
+    calls = []
+    env = _env(calls)
+    valid = [{"question": f"v{i}", "answer": f"valid{i}"} for i in range(3)]
+    env = ReasoningGym(env._data["train"]["rows"], env._data["test"]["rows"], make_tokenizer(), env.rubric,
+                       TEMPLATE, data_batch_size_per_gpu=2, validation_dataset=valid)  # fmt: skip
+    agent = make_agent(max_output_tokens=5)
+    fitness = agent.test(env, split="validation")
+    assert sorted(a for a, _ in calls) == ["valid0", "valid1", "valid2"]
+    assert agent.last_eval["problems"] == 3.0 and fitness == agent.last_eval["reward/total"]
+    with pytest.raises(ValueError, match="eval_mode serves a held-out split"):
+        agent.test(env, split="train")
+    with pytest.raises(ValueError, match="needs a validation_dataset"):
+        agent.test(_env([]), split="validation")

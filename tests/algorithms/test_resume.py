@@ -40,12 +40,13 @@ evaluation_interval: 1
 
 FAKE_EVALUATE = textwrap.dedent('''
     import llm_gym.algorithms.grpo.agent as agent_module
+    import llm_gym.algorithms.rollout.rollout as rollout_module
 
-    def adapter_evaluate(agent, env, max_problems=None):
+    def adapter_evaluate(agent, env, max_problems=None, **kwargs):
         """Metrics that tell agents apart (see the module docstring)."""
         return {"reward/total": (agent.index + 1000 * agent.hps.lr) / 100, "accuracy": 0.0, "problems": 4.0}
 
-    agent_module.evaluate = adapter_evaluate
+    agent_module.evaluate = rollout_module.evaluate = adapter_evaluate
 ''')
 
 KILL_AFTER_LAST_CHECKPOINT = FAKE_EVALUATE + textwrap.dedent('''
@@ -70,10 +71,12 @@ def adapter_evaluate(monkeypatch, tmp_path):
     """Evaluation by agent (see the module docstring), and a private SFT cache."""
     monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
     namespace: dict = {}
-    exec(FAKE_EVALUATE.replace("agent_module.evaluate = adapter_evaluate", ""), namespace)  # noqa: S102
+    exec(FAKE_EVALUATE.replace("agent_module.evaluate = rollout_module.evaluate = adapter_evaluate", ""), namespace)  # noqa: S102
     import llm_gym.algorithms.grpo.agent as agent_module
+    import llm_gym.algorithms.rollout.rollout as rollout_module
 
     monkeypatch.setattr(agent_module, "evaluate", namespace["adapter_evaluate"])
+    monkeypatch.setattr(rollout_module, "evaluate", namespace["adapter_evaluate"])
 
 
 def _same_numbers(a: dict, b: dict) -> None:

@@ -199,8 +199,34 @@ def test_learning_curve_png(tmp_path):
     out = plot_learning_curve(records, tmp_path / "plots" / "curve.png", events=events, max_fitness=1.0)
     assert out.stat().st_size > 20_000
     image = imread(out)
-    assert image.shape[:2] == (600, 1000)  # figsize (10, 6) at 100 dpi
+    assert image.shape[:2] == (600, 1100)  # figsize (11, 6) at 100 dpi: room for the legend outside
     # Not blank: many distinct colours are drawn (lines, markers, text).
     assert len(np.unique(image.reshape(-1, image.shape[2]), axis=0)) > 50
     with pytest.raises(ValueError, match="no fitness records"):
         plot_learning_curve([], tmp_path / "empty.png")
+
+
+def test_learning_curve_of_accuracy_skips_records_without_it(tmp_path):
+    records = [{"step": 0, "agent": 0, "fitness": 0.1, "accuracy": 0.05}, {"step": 5, "agent": 0, "fitness": 0.2}]
+    out = plot_learning_curve(records, tmp_path / "acc.png", value="accuracy", ylabel="exact accuracy")
+    assert out.is_file()
+    with pytest.raises(ValueError, match="no fitness records"):
+        plot_learning_curve(records[1:], tmp_path / "none.png", value="accuracy")
+
+
+def test_report_table_and_summary_by_hand():
+    from llm_gym.algorithms.run.report import accuracy_se, build_summary, results_table
+
+    sft = {"reward/total": 1.0, "reward/format": 0.9, "accuracy": 0.25, "problems": 400.0}
+    elite = {"reward/total": 1.3, "reward/format": 1.0, "accuracy": 0.5, "problems": 400.0}
+    summary = build_summary("llm_gym/Countdown-v0", sft, elite, seconds=3.0)
+    # s.e. sqrt(0.25 * 0.75 / 400) = 0.021651, sqrt(0.5 * 0.5 / 400) = 0.025; gain s.e. sqrt(sum of squares) = 0.033072
+    assert summary["sft"]["accuracy_se"] == pytest.approx(0.021651, abs=1e-6)
+    assert summary["elite"]["accuracy_se"] == 0.025
+    assert summary["gain"] == 0.25 and summary["gain_se"] == pytest.approx(0.033072, abs=1e-6)
+    assert summary["sft"]["accuracy"] == 0.25 and summary["sft"]["problems"] == 400.0 and summary["seconds"] == 3.0
+    lines = results_table(summary).splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")] == ["model", "problems", "exact accuracy", "+- s.e.", "format", "total"]
+    assert [c.strip() for c in lines[2].split("|")] == ["SFT start", "400", "0.250", "0.022", "0.900", "1.000"]
+    assert lines[-1] == "gain in exact accuracy: +25.0 points (+- 3.3 s.e.)"
+    assert accuracy_se(0.5, 0) != accuracy_se(0.5, 0)  # NaN without problems

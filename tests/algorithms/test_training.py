@@ -178,6 +178,25 @@ def test_smoke_caps_bound_a_run(model_path, tokenizer, monkeypatch):
         finetune_llm_reasoning(pop, make_env(tokenizer), verbose=False)
 
 
+def test_dynamic_sampling_refills_in_the_loop_and_logs_it(model_path, tokenizer):
+    pop = make_pop(model_path, tokenizer, 2)
+    for agent in pop:
+        agent.set_hp("dynamic_sampling", True)
+        agent.set_hp("max_refills", 2)
+    env = make_env(tokenizer)
+    finetune_llm_reasoning(pop, env, max_steps=3, evaluation_interval=3, log_dir="run", eval_problems=2,
+                           verbose=False)  # fmt: skip
+    metrics = read_csv_metrics("run/metrics.csv")
+    refills = [v for slot in (0, 1) for _, v in metrics[f"agent{slot}/grpo/refills"]]
+    assert len(refills) == 6 and all(r in (0.0, 1.0, 2.0) for r in refills) and sum(refills) > 0
+    assert all(0.0 <= v <= 1.0 for _, v in metrics["agent0/grpo/frac_reward_zero_std"])
+    assert all(1.0 <= v <= 2.0 or v == 0.0 for _, v in metrics["agent0/grpo/groups"])
+    tokens = [v for _, v in metrics["agent0/completion/generated_tokens"]]
+    assert len(tokens) == 3 and all(2 * 2 <= t <= 3 * 2 * 2 * 6 for t in tokens)  # 1-3 draws of 2 x 2, 1-6 tokens
+    # Every refill consumed one more batch of 2 training problems, beside the 3 shared batches.
+    assert env.state_dict()["position"]["train"] == 2 * 3 + 2 * int(sum(refills))
+
+
 def _run(model_path, tokenizer, max_steps, resume=False):
     tournament, mutation = evolution(seed=1, size=2)
     return finetune_llm_reasoning(

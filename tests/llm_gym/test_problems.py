@@ -47,7 +47,7 @@ def test_indexing(double_task):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"split": "valid"}, ValueError, r"^split must be one of \('train', 'test'\), got 'valid'$"),
+        ({"split": "valid"}, ValueError, r"^split must be one of \('train', 'validation', 'test'\), got 'valid'$"),
         ({"size": 0}, ValueError, r"^a problem set needs at least one problem; got size=0$"),
         ({"test_fraction": 1.0}, ValueError, r"^test_fraction must be in \(0, 1\), got 1.0$"),
     ],
@@ -71,3 +71,35 @@ def test_from_dataset_size_and_list_rows(double_task):
     rows = [{"n": i, "target": 2 * i} for i in range(5)]
     assert [p["n"] for p in ProblemSet.from_dataset(double_task, rows, size=3)] == [0, 1, 2]
     assert len(ProblemSet.from_dataset(double_task, rows, size=99)) == 5
+
+
+def test_three_splits_are_disjoint_and_the_test_split_is_unchanged():
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    knobs = {"min_numbers": 3, "max_numbers": 3, "max_number": 9, "max_target": 30}
+    sizes = {"train_size": 400, "test_size": 200, "seed": 0, **knobs}
+    env = ReasoningGym.from_task("llm_gym/Countdown-v0", None, validation_size=200, **sizes)
+    plain = ReasoningGym.from_task("llm_gym/Countdown-v0", None, **sizes)
+    columns = env.task.columns
+
+    def keys(gym, split):
+        return {problem_key(row, columns) for row in gym._data[split]["rows"]}
+
+    train, validation, test = keys(env, "train"), keys(env, "validation"), keys(env, "test")
+    assert env.splits == ("train", "test", "validation") and plain.splits == ("train", "test")
+    assert env.num_problems("validation") == 200
+    assert not train & validation and not train & test and not validation & test
+    assert all(split_of(k, 0.2, 0.1) == "validation" for k in validation)
+    assert test == keys(plain, "test")  # adding a validation split leaves the report's problems alone
+    assert keys(plain, "train") & validation  # ...and takes its problems out of the training share
+
+
+def test_validation_split_errors():
+    from llm_gym.env import build_problems
+    from llm_gym.registry import get_task
+
+    task = get_task("llm_gym/Countdown-v0")
+    with pytest.raises(ValueError, match=r"^the validation split needs validation_fraction > 0 \(e.g. 0.1\)$"):
+        build_problems(task, split="validation", size=4)
+    with pytest.raises(ValueError, match=r"^validation_fraction=0.8 must be >= 0 and leave a training share"):
+        build_problems(task, split="train", size=4, validation_fraction=0.8)

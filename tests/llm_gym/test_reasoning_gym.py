@@ -320,3 +320,17 @@ def test_without_a_tokenizer_prompts_are_messages_and_completions_text():
         env.score([torch.zeros(1, 3, dtype=torch.long)] * 4)
     with pytest.raises(ValueError, match="max_context_length counts tokens: give a tokenizer"):
         make_gym(None, max_context_length=8)
+
+
+def test_side_batch_draws_more_problems_and_keeps_the_pending_batch(tokenizer):
+    env = make_gym(tokenizer)
+    shared = env.reset(reset_dataloaders=True)
+    first = numbers(shared, tokenizer)
+    with env.side_batch():
+        extra = env.reset()
+        assert set(numbers(extra, tokenizer)).isdisjoint(first)  # the next problems of the epoch
+        env.score([[right(n)] for n in numbers(extra, tokenizer)])
+    # The shared batch is pending again: its completions are scored against its own answers.
+    rewards = env.score([[right(n)] for n in first])
+    assert rewards.tolist() == [[1.5]] * 4
+    assert [p["n"] for p in env.pending_problems()] == first
