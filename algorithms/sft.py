@@ -68,9 +68,10 @@ def oracle_examples(
     seed: int = 0,
     split: str = "train",
     template: ConversationTemplate | Sequence[Mapping[str, str]] | None = None,
+    solver: Callable[[Mapping[str, Any]], str | None] | None = None,
     **knobs: Any,
 ) -> list[SFTExample]:
-    """Prompt/completion pairs from a task's oracle solutions.
+    """Prompt/completion pairs from a task's oracle solutions (or from another teacher's).
 
     Args:
         task: A task with an oracle (``task.solve``).
@@ -80,6 +81,9 @@ def oracle_examples(
         split: The split drawn from; the warm-up must use ``"train"`` so held-out accuracy stays honest.
         template: Conversation template; default the task's. The oracle writes its completion to
             follow the default template's prefill.
+        solver: The teacher, called like ``task.solve`` (problem -> completion or None); default
+            the task's oracle. E.g. :class:`llm_gym.tasks.countdown_teacher.WeakTeacher`, a
+            stand-in for distilled data from a weaker model.
         **knobs: Generator knobs of the task (difficulty), e.g. ``max_numbers=3``.
 
     Returns:
@@ -88,7 +92,8 @@ def oracle_examples(
     Raises:
         ValueError: if the task has no oracle.
     """
-    if task.solve is None:
+    solver = task.solve if solver is None else solver
+    if solver is None:
         raise ValueError(
             f"{task.env_id} has no oracle (task.solve is None): build examples from scored rollouts "
             "with filter_rollouts instead"
@@ -97,7 +102,7 @@ def oracle_examples(
     problems = build_problems(task, split=split, size=size, seed=seed, **knobs)
     examples, unsolved = [], 0
     for problem in problems:
-        answer = task.solve(problem)
+        answer = solver(problem)
         if answer is None:
             unsolved += 1
             continue
