@@ -44,6 +44,19 @@ class TrainConfig:
     to show; 400 steps reach ~6 % greedy exact accuracy (see ``benchmarks/README.md``, Learning)."""
     sft_examples: int = 2000
     """Oracle examples for the warm-up."""
+    sft_teacher: dict[str, float] = field(default_factory=dict)
+    """Countdown only: habit probabilities of the weak teacher that writes the warm-up data instead of
+    the exact oracle (:class:`llm_gym.tasks.countdown_teacher.WeakTeacher`, e.g. ``{"last_step": 0.6}``:
+    60 % of its answers are only the trace's last step). ``{}`` is the oracle. A stand-in for
+    distilled data from a weaker model: the student copies the habit, the verifier can train it away."""
+    sft_stop_band: tuple[float, float] | None = None
+    """Stop the warm-up once greedy exact accuracy on ``sft_check_problems`` validation problems is
+    ``>= band[0]`` (``band[1]``: the overshoot warning); ``sft_steps`` stays the cap. ``None``: run
+    all ``sft_steps``."""
+    sft_check_every: int = 100
+    """SFT steps between the band checks."""
+    sft_check_problems: int = 100
+    """Validation problems of a band check (generated with seed ``seed + 1000``, test side of the split)."""
     sft_lr: float = 3e-3
     """Peak learning rate of the warm-up (full fine-tune)."""
     sft_batch_size: int = 32
@@ -94,6 +107,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
+        if self.sft_teacher and self.task != "llm_gym/Countdown-v0":
+            raise ValueError(f"TrainConfig.sft_teacher is a Countdown teacher; task {self.task} needs sft_teacher: {{}}")
+        if self.sft_stop_band is not None and (len(self.sft_stop_band) != 2
+                                               or not 0 <= self.sft_stop_band[0] <= self.sft_stop_band[1] <= 1):
+            raise ValueError(f"TrainConfig.sft_stop_band={self.sft_stop_band} must be [low, high] with 0 <= low <= high <= 1")
+        if self.sft_check_every < 1 or self.sft_check_problems < 1:
+            raise ValueError("TrainConfig.sft_check_every and sft_check_problems must be >= 1")
         if self.sft_steps < 0:
             raise ValueError(f"TrainConfig.sft_steps={self.sft_steps} must be >= 0 (0 skips the warm-up)")
 
@@ -139,13 +159,23 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
         return str(cache), tokenizer
     task = get_task(config.task)
     model = AutoModelForCausalLM.from_pretrained(source)
-    examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
+    solver = None
+    if config.sft_teacher:
+        from llm_gym.tasks.countdown_teacher import WeakTeacher
+
+        solver = WeakTeacher(config.sft_teacher, seed=config.seed + 2)
+        logger.info("SFT data from a %s (not the exact oracle)", solver.describe())
+    examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, solver=solver,
+                               **config.task_kwargs)  # fmt: skip
+    if solver is not None:
+        logger.info("teacher habits written: %s of %d examples", solver.applied, solver.calls)
     report = length_report(examples, tokenizer, seq_len=512)
     logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
                     warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
-    result = train_sft(model, tokenizer, examples, sft)
-    logger.info("SFT: %d steps in %.1fs, final loss %.3f", result.steps, result.seconds, result.losses[-1])
+    result = train_sft(model, tokenizer, examples, sft, callback=_band_stop(config, model, tokenizer))
+    logger.info("SFT: %d steps in %.1fs, final loss %.3f%s", result.steps, result.seconds, result.losses[-1],
+                " (stopped in the band)" if result.stopped_early else "")  # fmt: skip
     out = run_dir / "sft_model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -159,6 +189,30 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
     return str(out), tokenizer
 
 
+def _band_stop(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
+    """The :class:`BandStop` of ``config.sft_stop_band`` (greedy exact accuracy on validation problems), or None."""
+    if config.sft_stop_band is None:
+        return None
+    from llm_gym.algorithms.rollout.policies import ModelPolicy
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.algorithms.sft import BandStop
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    check = ReasoningGym.from_task(config.task, tokenizer, train_size=1, test_size=config.sft_check_problems,
+                                   seed=config.seed + 1000, data_batch_size_per_gpu=min(50, config.sft_check_problems),
+                                   **config.task_kwargs)  # fmt: skip
+
+    def score() -> float:
+        policy = ModelPolicy(model, tokenizer.pad_token_id, config.max_output_tokens)
+        try:
+            return float(evaluate(policy, check)["accuracy"])
+        finally:
+            model.train()
+
+    low, high = config.sft_stop_band
+    return BandStop(score, low, high, config.sft_check_every)
+
+
 def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     """Cache folder of the SFT model, keyed on every input that changes it.
 
@@ -166,7 +220,9 @@ def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     starting weights.
     """
     key = json.dumps([source, config.task, sorted(config.task_kwargs.items()), config.sft_steps, config.sft_examples,
-                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1"])  # fmt: skip
+                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1",
+                      sorted(config.sft_teacher.items()), config.sft_stop_band, config.sft_check_every,
+                      config.sft_check_problems])  # fmt: skip
     root = Path(os.environ["LLM_GYM_CACHE"]) if os.environ.get("LLM_GYM_CACHE") else Path.home() / ".cache" / "llm_gym"
     return root / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
