@@ -38,13 +38,14 @@ class TrainConfig:
     """A local path or hub id of a causal LM; ``None`` builds the embedded tiny model."""
     tiny_preset: str = "tiny"
     """Preset of the embedded model (``llm_gym.tiny.PRESETS``) when ``model`` is None."""
-    sft_steps: int = 80
-    """Optimizer steps of the SFT warm-up on oracle solutions (0 skips it). 80 steps teach the tiny
-    model the answer format only partly (held-out sampled reward ~0.1 of 2), which leaves GRPO room
-    to show; 400 steps reach ~6 % greedy exact accuracy (see ``benchmarks/README.md``, Learning)."""
-    sft_examples: int = 2000
+    sft_steps: int = 800
+    """Optimizer steps of the SFT warm-up (0 skips it; the cap when ``sft_stop_band`` is set). With the
+    default weak teacher, 800 steps give a student that writes the oracle's trace but, greedily, the
+    teacher's last-step answer: 0 % held-out greedy exact accuracy; GRPO then takes it to ~20 %
+    (``benchmarks/README.md``, Learning, and ``benchmarks/results/research/``)."""
+    sft_examples: int = 4000
     """Oracle examples for the warm-up."""
-    sft_teacher: dict[str, float] = field(default_factory=dict)
+    sft_teacher: dict[str, float] = field(default_factory=lambda: {"last_step": 0.6})
     """Countdown only: habit probabilities of the weak teacher that writes the warm-up data instead of
     the exact oracle (:class:`llm_gym.tasks.countdown_teacher.WeakTeacher`, e.g. ``{"last_step": 0.6}``:
     60 % of its answers are only the trace's last step). ``{}`` is the oracle. A stand-in for
@@ -63,29 +64,29 @@ class TrainConfig:
     """Examples per warm-up step."""
     population: int = 4
     """Agents in the population (1 = a plain GRPO run, no evolution)."""
-    train_size: int = 2000
+    train_size: int = 4000
     """Training problems."""
-    test_size: int = 100
+    test_size: int = 200
     """Held-out problems (fitness and the final table)."""
-    prompts_per_step: int = 8
+    prompts_per_step: int = 4
     """Prompts per training step (``data_batch_size_per_gpu``)."""
-    group_size: int = 8
+    group_size: int = 16
     """Completions per prompt."""
-    max_output_tokens: int = 48
+    max_output_tokens: int = 40
     """Generation budget per completion."""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """LoRA learning rate (the initial value; evolution mutates it)."""
     beta: float = 0.0
     """KL coefficient to the SFT model."""
-    temperature: float = 1.0
+    temperature: float = 0.7
     """Sampling temperature during training."""
     lora_r: int = 16
     """LoRA rank."""
-    max_steps: int = 60
+    max_steps: int = 200
     """Training steps (each agent trains on one batch per step)."""
-    evo_steps: int = 20
+    evo_steps: int = 50
     """Steps between evolutions."""
-    evaluation_interval: int = 10
+    evaluation_interval: int = 50
     """Steps between held-out evaluations."""
     output_dir: str | None = None
     """Run folder (default ``runs/<time>``): metrics, elites, checkpoints, plots."""
@@ -137,6 +138,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(f"unknown train config key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    if values.get("task", TrainConfig.task) != TrainConfig.task and "sft_teacher" not in values:
+        values["sft_teacher"] = {}  # the default teacher is Countdown's; another task warms up on its oracle
     return TrainConfig(**values)
 
 
@@ -187,6 +190,18 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
         except OSError:  # another run cached it first
             shutil.rmtree(tmp, ignore_errors=True)
     return str(out), tokenizer
+
+
+def _sft_data_line(config: TrainConfig) -> str:
+    """What wrote the warm-up data, in one line (the main job prints it under its table)."""
+    if config.sft_steps == 0:
+        return "no SFT warm-up"
+    if not config.sft_teacher:
+        return f"SFT warm-up on {config.sft_examples} exact oracle solutions"
+    from llm_gym.tasks.countdown_teacher import WeakTeacher
+
+    return (f"SFT warm-up on {config.sft_examples} solutions of a {WeakTeacher(config.sft_teacher).describe()} "
+            "(see llm_gym.tasks.countdown_teacher); GRPO learns from the verifier only")
 
 
 def _band_stop(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
@@ -309,13 +324,13 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         log_dir=str(run_dir), max_reward=env.rubric.max_total,
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
-    if not best.fitness:
-        best.test(env)
+    best.test(env)  # the table's problems: every test problem (fitness saw only the loop's eval_problems)
     summary = {
         "task": config.task,
         "sft": sft_eval,
         "elite": dict(best.last_eval),
         "elite_hyperparameters": dataclasses.asdict(best.hps),
+        "sft_data": _sft_data_line(config),
         "seconds": time.perf_counter() - start,
         "run_dir": str(run_dir),
     }

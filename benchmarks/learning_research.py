@@ -13,6 +13,9 @@ one JSON line appended to ``benchmarks/results/research/<file>.jsonl``.
         --sft-steps 2000 --grpo-seconds 0
 
 Every flag is a field of :class:`ResearchConfig`; ``--file`` names the jsonl (default ``runs``).
+
+``--record-demo RUN_DIR`` instead appends the ``summary.json`` of a finished ``llm-gym train`` run
+(plus ``--cpu-seconds``, the process's user+sys time from ``/usr/bin/time``) to ``demo.jsonl``.
 """
 
 from __future__ import annotations
@@ -217,9 +220,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--tag", required=True)
     parser.add_argument("--file", default="runs")
+    parser.add_argument("--record-demo", default="", help="a finished llm-gym train run folder to record")
+    parser.add_argument("--cpu-seconds", type=float, default=0.0)
     args = vars(parser.parse_args(argv))
     tag, file = args.pop("tag"), args.pop("file")
+    demo, cpu = args.pop("record_demo"), args.pop("cpu_seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if demo:
+        summary = json.loads((Path(demo) / "summary.json").read_text())
+        config = json.loads((Path(demo) / "config.json").read_text())
+        gain = 100 * (summary["elite"]["accuracy"] - summary["sft"]["accuracy"])
+        line = {"tag": tag, "config": config, "sft": summary["sft"], "elite": summary["elite"],
+                "gain_points": round(gain, 2), "wall_seconds": round(summary["seconds"], 1), "cpu_seconds": cpu,
+                "sft_data": summary.get("sft_data"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "demo.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        logger.info("%s: SFT %.3f -> elite %.3f (%+.1f points), %.0f s wall, %.0f s CPU", tag,
+                    summary["sft"]["accuracy"], summary["elite"]["accuracy"], gain, summary["seconds"], cpu)
+        return line
     record = {"tag": tag, **run(ResearchConfig(**args))}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{file}.jsonl", "a") as fh:

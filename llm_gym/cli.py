@@ -154,6 +154,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     n = int(summary["elite"].get("problems", 0))
     print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
     print(held_out_table({"SFT start": summary["sft"], "elite (GRPO)": summary["elite"]}))
+    if summary.get("sft_data"):
+        print(summary["sft_data"])
     print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 
