@@ -46,22 +46,37 @@ class TrainConfig:
     """A local path or hub id of a causal LM; ``None`` builds the embedded tiny model."""
     tiny_preset: str = "tiny"
     """Preset of the embedded model (``llm_gym.tiny.PRESETS``) when ``model`` is None."""
-    sft_steps: int = 80
-    """Optimizer steps of the SFT warm-up on oracle solutions (0 skips it). 80 steps teach the tiny
-    model the answer format only partly (held-out sampled reward ~0.1 of 2), which leaves GRPO room
-    to show; 400 steps reach ~6 % greedy exact accuracy (see ``benchmarks/README.md``, Learning)."""
-    sft_examples: int = 2000
+    sft_steps: int = 800
+    """Optimizer steps of the SFT warm-up (0 skips it; the cap when ``sft_stop_band`` is set). With the
+    default weak teacher, 800 steps give a student that writes the oracle's trace but, greedily, the
+    teacher's last-step answer: 0 % held-out greedy exact accuracy; GRPO then takes it to ~20 %
+    (``benchmarks/README.md``, Learning, and ``benchmarks/results/research/``)."""
+    sft_examples: int = 4000
     """Oracle examples for the warm-up."""
     sft_dataset: str | None = None
     """A saved dataset of chat rollouts (``llm-gym eval --save-dataset``, then ``llm-gym data filter``) to
     warm up on instead of the task's oracle solutions (needed for a task without an oracle)."""
+    sft_teacher: dict[str, float] | None = None
+    """Habit probabilities of the weak teacher that writes the warm-up data instead of the exact
+    oracle (:class:`llm_gym.tasks.countdown_teacher.WeakTeacher`, Countdown only). ``None`` (the
+    default): ``{"last_step": 0.6}`` for Countdown (60 % of its answers are only the trace's last
+    step), ``{}`` (the exact oracle) for every other task. A stand-in for distilled data from a
+    weaker model: the student copies the habit, the verifier can train it away."""
+    sft_stop_band: list[float] | None = None
+    """``[low, high]``: stop the warm-up once greedy exact accuracy on ``sft_check_problems``
+    validation problems is ``>= low`` (``high``: the overshoot warning); ``sft_steps`` stays the
+    cap. ``None``: run all ``sft_steps``."""
+    sft_check_every: int = 100
+    """SFT steps between the band checks."""
+    sft_check_problems: int = 100
+    """Validation problems of a band check (the run's validation split, never its test split)."""
     sft_lr: float = 3e-3
     """Peak learning rate of the warm-up (full fine-tune)."""
     sft_batch_size: int = 32
     """Examples per warm-up step."""
     population: int = 4
     """Agents in the population (1 = a plain GRPO run, no evolution)."""
-    train_size: int = 2000
+    train_size: int = 4000
     """Training problems."""
     test_size: int = 200
     """Test problems: the final table (SFT start vs elite), never seen by training or selection.
@@ -69,17 +84,17 @@ class TrainConfig:
     validation_size: int = 200
     """Validation problems: fitness (exact accuracy, ties broken by total reward) for evolution,
     disjoint from the training and test problems (hash split, ``llm_gym.problems``)."""
-    prompts_per_step: int = 8
+    prompts_per_step: int = 4
     """Prompts per training step (``data_batch_size_per_gpu``)."""
-    group_size: int = 8
+    group_size: int = 16
     """Completions per prompt."""
-    max_output_tokens: int = 48
+    max_output_tokens: int = 40
     """Generation budget per completion."""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """LoRA learning rate (the initial value; evolution mutates it)."""
     beta: float = 0.0
     """KL coefficient to the SFT model."""
-    temperature: float = 1.0
+    temperature: float = 0.7
     """Sampling temperature during training."""
     lora_r: int = 16
     """LoRA rank."""
@@ -88,11 +103,11 @@ class TrainConfig:
     with more prompts (:mod:`~llm_gym.algorithms.grpo.dynamic`)."""
     max_refills: int = 3
     """Extra prompt batches per step and agent for dynamic sampling's refills."""
-    max_steps: int = 60
+    max_steps: int = 200
     """Training steps (each agent trains on one batch per step)."""
-    evo_steps: int = 20
+    evo_steps: int = 50
     """Steps between evolutions."""
-    evaluation_interval: int = 10
+    evaluation_interval: int = 50
     """Steps between held-out evaluations."""
     output_dir: str | None = None
     """Run folder (default ``runs/<time>``): metrics, elites, checkpoints, plots."""
@@ -120,6 +135,17 @@ class TrainConfig:
                 raise UsageError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.group_size < 2:
             raise UsageError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
+        if self.sft_teacher is None:
+            teacher = {"last_step": 0.6} if self.task == "llm_gym/Countdown-v0" else {}
+            object.__setattr__(self, "sft_teacher", teacher)
+        if self.sft_teacher and self.task != "llm_gym/Countdown-v0":
+            raise UsageError(f"TrainConfig.sft_teacher is a Countdown teacher; task {self.task} needs sft_teacher: {{}}")
+        if self.sft_stop_band is not None and (len(self.sft_stop_band) != 2
+                                               or not 0 <= self.sft_stop_band[0] <= self.sft_stop_band[1] <= 1):
+            raise UsageError(f"TrainConfig.sft_stop_band={self.sft_stop_band} must be [low, high] with "
+                             "0 <= low <= high <= 1")  # fmt: skip
+        if self.sft_check_every < 1 or self.sft_check_problems < 1:
+            raise UsageError("TrainConfig.sft_check_every and sft_check_problems must be >= 1")
         if self.sft_steps < 0:
             raise UsageError(f"TrainConfig.sft_steps={self.sft_steps} must be >= 0 (0 skips the warm-up)")
         if self.sft_dataset is not None and not Path(self.sft_dataset).is_dir():
@@ -251,15 +277,24 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
 
         examples = dataset_examples(load_rollouts(config.sft_dataset), tokenizer)
     else:
-        examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1,
+        solver = None
+        if config.sft_teacher:
+            from llm_gym.tasks.countdown_teacher import WeakTeacher
+
+            solver = WeakTeacher(config.sft_teacher, seed=config.seed + 2)
+            logger.info("SFT data from a %s (not the exact oracle)", solver.describe())
+        examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, solver=solver,
                                    **config.task_kwargs)  # fmt: skip
+        if solver is not None:
+            logger.info("teacher habits written: %s of %d examples", solver.applied, solver.calls)
     report = length_report(examples, tokenizer, seq_len=512)
     logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
                     warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
     with logging_redirect_tqdm():  # log lines go through the progress bar, not onto it
-        result = train_sft(model, tokenizer, examples, sft)
-    logger.info("SFT: %d steps in %.1fs, final loss %.3f", result.steps, result.seconds, result.losses[-1])
+        result = train_sft(model, tokenizer, examples, sft, callback=_band_stop(config, model, tokenizer))
+    logger.info("SFT: %d steps in %.1fs, final loss %.3f%s", result.steps, result.seconds, result.losses[-1],
+                " (stopped in the band)" if result.stopped_early else "")  # fmt: skip
     out = (run_dir / "sft_model").resolve()  # absolute: adapters record it as their base model
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -273,6 +308,45 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
     return str(out), tokenizer
 
 
+def _sft_data_line(config: TrainConfig) -> str:
+    """What wrote the warm-up data, in one line (the main job prints it under its table)."""
+    if config.sft_steps == 0:
+        return "no SFT warm-up"
+    if config.sft_dataset is not None:
+        return f"SFT warm-up on the saved rollouts in {config.sft_dataset}"
+    if not config.sft_teacher:
+        return f"SFT warm-up on {config.sft_examples} exact oracle solutions"
+    from llm_gym.tasks.countdown_teacher import WeakTeacher
+
+    return (f"SFT warm-up on {config.sft_examples} solutions of a {WeakTeacher(config.sft_teacher).describe()} "
+            "(see llm_gym.tasks.countdown_teacher); GRPO learns from the verifier only")
+
+
+def _band_stop(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
+    """The :class:`BandStop` of ``config.sft_stop_band`` (greedy exact accuracy on validation problems), or None."""
+    if config.sft_stop_band is None:
+        return None
+    from llm_gym.algorithms.rollout.policies import ModelPolicy
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.algorithms.sft import BandStop
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    check = ReasoningGym.from_task(config.task, tokenizer, train_size=1, test_size=1,
+                                   validation_size=config.sft_check_problems, seed=config.seed,
+                                   data_batch_size_per_gpu=min(50, config.sft_check_problems),
+                                   **config.task_kwargs)  # fmt: skip
+
+    def score() -> float:
+        policy = ModelPolicy(model, tokenizer.pad_token_id, config.max_output_tokens)
+        try:
+            return float(evaluate(policy, check, split="validation")["accuracy"])
+        finally:
+            model.train()
+
+    low, high = config.sft_stop_band
+    return BandStop(score, low, high, config.sft_check_every)
+
+
 def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     """Cache folder of the SFT model, keyed on every input that changes it.
 
@@ -280,7 +354,9 @@ def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
     starting weights.
     """
     key = json.dumps([source, config.task, sorted(config.task_kwargs.items()), config.sft_steps, config.sft_examples,
-                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1"]
+                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1",
+                      sorted(config.sft_teacher.items()), config.sft_stop_band, config.sft_check_every,
+                      config.sft_check_problems]
                      + ([_dataset_fingerprint(config.sft_dataset)] if config.sft_dataset else []))  # fmt: skip
     root = Path(os.environ["LLM_GYM_CACHE"]) if os.environ.get("LLM_GYM_CACHE") else Path.home() / ".cache" / "llm_gym"
     return root / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -403,7 +479,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     summary = build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,
         elite_validation=elite_validation, elite_hyperparameters=dataclasses.asdict(best.hps),
-        seconds=time.perf_counter() - start, run_dir=str(run_dir),
+        sft_data=_sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
     )  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

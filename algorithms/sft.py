@@ -33,6 +33,7 @@ from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate
 
 __all__ = [
+    "BandStop",
     "IGNORE_INDEX",
     "LengthReport",
     "SFTConfig",
@@ -69,9 +70,10 @@ def oracle_examples(
     seed: int = 0,
     split: str = "train",
     template: ConversationTemplate | Sequence[Mapping[str, str]] | None = None,
+    solver: Callable[[Mapping[str, Any]], str | None] | None = None,
     **knobs: Any,
 ) -> list[SFTExample]:
-    """Prompt/completion pairs from a task's oracle solutions.
+    """Prompt/completion pairs from a task's oracle solutions (or from another teacher's).
 
     Args:
         task: A task with an oracle (``task.solve``).
@@ -81,6 +83,9 @@ def oracle_examples(
         split: The split drawn from; the warm-up must use ``"train"`` so held-out accuracy stays honest.
         template: Conversation template; default the task's. The oracle writes its completion to
             follow the default template's prefill.
+        solver: The teacher, called like ``task.solve`` (problem -> completion or None); default
+            the task's oracle. E.g. :class:`llm_gym.tasks.countdown_teacher.WeakTeacher`, a
+            stand-in for distilled data from a weaker model.
         **knobs: Generator knobs of the task (difficulty), e.g. ``max_numbers=3``.
 
     Returns:
@@ -89,7 +94,8 @@ def oracle_examples(
     Raises:
         ValueError: if the task has no oracle.
     """
-    if task.solve is None:
+    solver = task.solve if solver is None else solver
+    if solver is None:
         raise ValueError(
             f"{task.env_id} has no oracle (task.solve is None): build examples from scored rollouts "
             "with filter_rollouts instead"
@@ -98,7 +104,7 @@ def oracle_examples(
     problems = build_problems(task, split=split, size=size, seed=seed, **knobs)
     examples, unsolved = [], 0
     for problem in problems:
-        answer = task.solve(problem)
+        answer = solver(problem)
         if answer is None:
             unsolved += 1
             continue
@@ -315,6 +321,47 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+class BandStop:
+    """A :func:`train_sft` callback that ends the warm-up once a held-out score reaches a band.
+
+    Every ``every`` steps it calls ``score()`` (e.g. greedy exact accuracy on validation problems;
+    the model is the one being trained, ``score`` must leave it in train mode) and stops when the
+    score is ``>= low``: the start RL needs, neither unsolved nor already solved. A score above
+    ``high`` at the first check past ``low`` is logged as an overshoot (check more often). The
+    SFT step cap (``SFTConfig.max_steps``) still ends a warm-up that never reaches the band.
+
+    Args:
+        score: Returns the held-out score of the model now.
+        low: Lower edge of the band (stop at or above it).
+        high: Upper edge of the band (only checked for the overshoot warning).
+        every: Steps between checks (>= 1).
+
+    Raises:
+        ValueError: unless ``0 <= low <= high`` and ``every >= 1``.
+    """
+
+    def __init__(self, score: Callable[[], float], low: float, high: float, every: int) -> None:
+        if not 0.0 <= low <= high:
+            raise ValueError(f"BandStop needs 0 <= low <= high, got low={low}, high={high}")
+        if every < 1:
+            raise ValueError(f"BandStop.every={every} must be >= 1")
+        self.score, self.low, self.high, self.every = score, low, high, every
+        self.history: list[tuple[int, float]] = []
+        """``(steps done, score)`` of every check."""
+
+    def __call__(self, step: int, loss: float) -> bool:
+        """True (stop) when the check after optimizer step ``step`` (0-based) scores ``>= low``."""
+        if (step + 1) % self.every:
+            return False
+        value = float(self.score())
+        self.history.append((step + 1, value))
+        logger.info("sft step %d: held-out score %.3f (band [%.2f, %.2f])", step + 1, value, self.low, self.high)
+        if value > self.high:
+            logger.warning("sft overshot the band: score %.3f > %.2f at step %d; check more often (every=%d)",
+                           value, self.high, step + 1, self.every)  # fmt: skip
+        return value >= self.low
+
+
 _SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 1.0,
     "linear": lambda progress: 1.0 - progress,
@@ -391,6 +438,8 @@ class SFTResult:
     """Sequences cut to ``seq_len`` (counted once per use)."""
     tokens: int = 0
     """Completion tokens trained on."""
+    stopped_early: bool = False
+    """The callback ended the warm-up before its last step (e.g. :class:`BandStop`)."""
 
 
 def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterable[np.ndarray]:
@@ -420,7 +469,8 @@ def train_sft(
         tokenizer: Its tokenizer; its eos id ends each completion and its pad id pads.
         examples: The training pairs.
         config: Hyper-parameters; default :class:`SFTConfig()`.
-        callback: Called as ``callback(step, loss)`` after every optimizer step.
+        callback: Called as ``callback(step, loss)`` after every optimizer step; a truthy return
+            ends the warm-up there (``result.stopped_early``), e.g. :class:`BandStop`.
 
     Returns:
         The loss curve and counts.
@@ -471,11 +521,14 @@ def train_sft(
         value = loss.item()  # a sync point, once per step
         result.losses.append(value)
         result.steps = step + 1
-        if callback is not None:
-            callback(step, value)
+        stop = bool(callback(step, value)) if callback is not None else False
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")
+        if stop:
+            result.stopped_early = result.steps < total
+            logger.info("sft stopped by its callback after step %d/%d", result.steps, total)
+            break
         if (step + 1) % config.log_every == 0 or step + 1 == total:
             recent = result.losses[-config.log_every :]
             logger.info("sft step %d/%d loss %.4f", step + 1, total, sum(recent) / len(recent))

@@ -99,6 +99,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
     print("(the test split: problems neither training nor selection, on the validation split, ever saw)")
     print(results_table(summary))
+    if summary.get("sft_data"):
+        print(summary["sft_data"])
     print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 

@@ -94,6 +94,19 @@ def test_train_runs_the_pipeline_then_resumes(tmp_path, capsys, monkeypatch):
     assert len(namespace["tokenizer"]) == len(AutoTokenizer.from_pretrained(str(run / "elites" / elite["path"])))
 
 
+def test_train_with_a_band_stop_ends_sft_early_and_names_its_teacher(tmp_path, capsys, monkeypatch, caplog):
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "tiny.yaml"
+    # any accuracy is >= 0: the first check (after SFT step 2 of 5) stops the warm-up
+    config.write_text(TINY_RUN + "sft_stop_band: [0.0, 1.0]\nsft_check_every: 2\nsft_check_problems: 3\n"
+                      "sft_teacher: {last_step: 0.5}\n")
+    with caplog.at_level("INFO"):
+        assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 0
+    assert "sft stopped by its callback after step 2/5" in caplog.text
+    assert "SFT: 2 steps in" in caplog.text and "(stopped in the band)" in caplog.text
+    assert "answer habits last_step p=0.5" in capsys.readouterr().out
+
+
 def test_train_rejects_an_unknown_config_key(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("populaton: 4\n")
@@ -173,6 +186,8 @@ def test_train_task_from_the_command_line_does_not_inherit_countdowns_knobs(monk
     assert [c.task_kwargs for c in seen] == [
         {}, {"houses": 3}, recipe.TrainConfig().task_kwargs, recipe.TrainConfig().task_kwargs]
     assert [c.task for c in seen] == ["llm_gym/Zebra-v0"] * 2 + ["llm_gym/Countdown-v0"] * 2
+    # the default weak teacher is Countdown's: another task warms up on its own oracle
+    assert [c.sft_teacher for c in seen] == [{}, {}, {"last_step": 0.6}, {"last_step": 0.6}]
 
 
 def test_train_another_task_out_of_the_box(tmp_path, monkeypatch, capsys):
@@ -201,3 +216,15 @@ def test_help_explains_every_option_without_markup(capsys):
         parser = sub.choices[name]
         undocumented = [a.option_strings for a in parser._actions if a.dest != "help" and not a.help]
         assert undocumented == [], (name, undocumented)
+
+
+def test_train_config_rejects_a_teacher_or_band_it_cannot_use():
+    from llm_gym.algorithms.recipe import TrainConfig, load_config
+
+    with pytest.raises(ValueError, match="task llm_gym/Zebra-v0 needs sft_teacher: {}"):
+        TrainConfig(task="llm_gym/Zebra-v0", sft_teacher={"last_step": 0.6})
+    with pytest.raises(ValueError, match=r"sft_stop_band=\[0.5, 0.2\] must be \[low, high\]"):
+        TrainConfig(sft_stop_band=[0.5, 0.2])
+    assert TrainConfig(task="llm_gym/Zebra-v0").sft_teacher == {}
+    assert load_config(task="llm_gym/Zebra-v0").sft_teacher == {}
+    assert load_config(sft_stop_band=[0.1, 0.5]).sft_stop_band == [0.1, 0.5]

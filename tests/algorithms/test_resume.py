@@ -36,6 +36,7 @@ max_output_tokens: 8
 max_steps: 2
 evo_steps: 1
 evaluation_interval: 1
+lr: 0.001
 """
 
 FAKE_EVALUATE = textwrap.dedent('''

@@ -214,3 +214,54 @@ def test_truncation_is_counted(tokenizer, caplog):
 def test_train_sft_rejects_empty_data(tokenizer):
     with pytest.raises(ValueError, match="no examples"):
         train_sft(build_model(tokenizer, MICRO), tokenizer, [])
+
+
+# ------------------------------------------------------------------------------------------ band stop
+def test_band_stop_stops_at_the_first_check_in_the_band(tokenizer):
+    from llm_gym.algorithms.sft import BandStop
+
+    scores = iter([0.02, 0.05, 0.12, 0.30])  # checks after steps 2, 4, 6, 8
+    stop = BandStop(lambda: next(scores), low=0.10, high=0.50, every=2)
+    model = build_model(tokenizer, MICRO, seed=0)
+    examples = [SFTExample(prompt_of("Say hi"), "hello there")]
+    result = train_sft(model, tokenizer, examples, SFTConfig(lr=1e-2, batch_size=1, max_steps=20), callback=stop)
+    assert result.steps == 6 and len(result.losses) == 6 and result.stopped_early
+    assert stop.history == [(2, 0.02), (4, 0.05), (6, 0.12)]
+    assert not model.training
+
+
+def test_band_stop_never_reached_runs_to_the_cap(tokenizer, caplog):
+    from llm_gym.algorithms.sft import BandStop
+
+    stop = BandStop(lambda: 0.0, low=0.10, high=0.50, every=3)
+    result = train_sft(build_model(tokenizer, MICRO, seed=0), tokenizer, [SFTExample(prompt_of("Count"), "1 2")],
+                       SFTConfig(lr=1e-2, batch_size=1, max_steps=7), callback=stop)
+    assert result.steps == 7 and not result.stopped_early
+    assert [step for step, _ in stop.history] == [3, 6]
+    overshoot = BandStop(lambda: 0.9, low=0.10, high=0.50, every=1)
+    with caplog.at_level("WARNING"):
+        assert overshoot(0, 1.0) is True
+    assert "overshot the band: score 0.900 > 0.50 at step 1" in caplog.text
+
+
+def test_band_stop_rejects_a_bad_band():
+    from llm_gym.algorithms.sft import BandStop
+
+    with pytest.raises(ValueError, match="low=0.6, high=0.2"):
+        BandStop(lambda: 0.0, low=0.6, high=0.2, every=1)
+    with pytest.raises(ValueError, match="every=0"):
+        BandStop(lambda: 0.0, low=0.1, high=0.2, every=0)
+
+
+def test_oracle_examples_take_a_teacher(tokenizer):
+    from llm_gym.tasks.countdown_teacher import WeakTeacher
+
+    teacher = WeakTeacher({"last_step": 1.0})
+    examples = oracle_examples(COUNTDOWN, tokenizer, size=5, seed=0, solver=teacher, min_numbers=3, max_numbers=3)
+    oracle = oracle_examples(COUNTDOWN, tokenizer, size=5, seed=0, min_numbers=3, max_numbers=3)
+    assert [e.prompt for e in examples] == [e.prompt for e in oracle]
+    assert teacher.applied == {"last_step": 5} and teacher.calls == 5
+    for ex, ref in zip(examples, oracle):
+        trace = ref.completion.split(" </think>")[0].strip()
+        a, op, b = __import__("re").match(r"(\d+)([-+*/])(\d+)=", trace.split(", ")[-1]).groups()
+        assert ex.completion == f" {trace} </think>\n<answer>{a} {op} {b}</answer>"
