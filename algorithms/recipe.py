@@ -120,15 +120,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     return TrainConfig(**values)
 
 
-def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
-    """The warm-started model folder and its tokenizer."""
+def _sft_model(config: TrainConfig, run_dir: Path, multi_turn: Any = None) -> tuple[str, Any]:
+    """The warm-started model folder and its tokenizer (``multi_turn``: the env's MultiTurnRecipe, or None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gym.algorithms.sft import SFTConfig, length_report, oracle_examples, train_sft
     from llm_gym.registry import get_task
     from llm_gym.tiny import tiny_model_path
 
-    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed))
+    env_ids = multi_turn.tokenizer_env_ids if multi_turn is not None else None
+    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed, env_ids=env_ids))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if config.sft_steps == 0:
         return source, tokenizer
@@ -137,13 +138,18 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
         logger.info("SFT warm-up reused from cache %s (identical model, task, knobs and SFT settings; "
                     "set sft_cache=False to train it again)", cache)  # fmt: skip
         return str(cache), tokenizer
-    task = get_task(config.task)
     model = AutoModelForCausalLM.from_pretrained(source)
-    examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
-    report = length_report(examples, tokenizer, seq_len=512)
-    logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
+    seq_len = 512 if multi_turn is None else multi_turn.sft_seq_len
+    if multi_turn is None:
+        examples = oracle_examples(get_task(config.task), tokenizer, size=config.sft_examples, seed=config.seed + 1,
+                                   **config.task_kwargs)  # fmt: skip
+    else:  # a game: the teacher's filtered games (sft_examples games played)
+        examples = multi_turn.sft_examples(config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
+    report = length_report(examples, tokenizer, seq_len=seq_len)
+    logger.info("SFT data: %d examples, longest %d tokens, %.2f %% fit in %d", len(examples), report.max_length,
+                100 * report.fit_fraction, seq_len)  # fmt: skip
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
-                    warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
+                    warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True, seq_len=seq_len)  # fmt: skip
     result = train_sft(model, tokenizer, examples, sft)
     logger.info("SFT: %d steps in %.1fs, final loss %.3f", result.steps, result.seconds, result.losses[-1])
     out = run_dir / "sft_model"
@@ -212,6 +218,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+    from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.reasoning_gym import ReasoningGym
 
     start = time.perf_counter()
@@ -222,17 +229,24 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    model_path, tokenizer = _sft_model(config, run_dir)
-    env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
-                                 seed=config.seed, data_batch_size_per_gpu=config.prompts_per_step,
-                                 **config.task_kwargs)  # fmt: skip
+    multi_turn = multi_turn_recipe(config.task)  # None for single-turn tasks
+    model_path, tokenizer = _sft_model(config, run_dir, multi_turn)
+    if multi_turn is None:
+        env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
+                                     seed=config.seed, data_batch_size_per_gpu=config.prompts_per_step,
+                                     **config.task_kwargs)  # fmt: skip
+    else:  # test_size held-out games, each against the optimal and the random opponent
+        env = multi_turn.make_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step,
+                                  test_games=config.test_size, train_size=config.train_size, seed=config.seed,
+                                  **config.task_kwargs)  # fmt: skip
+    context = {} if multi_turn is None else {"max_model_len": multi_turn.max_model_len}
     lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                       task_type="CAUSAL_LM", lora_dropout=0.0)  # fmt: skip
     pop = create_population(
         config.population, model_name=model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
         lora_config=lora, batch_size=config.prompts_per_step * config.group_size, group_size=config.group_size,
         max_output_tokens=config.max_output_tokens, lr=config.lr, beta=config.beta, temperature=config.temperature,
-        seed=config.seed,
+        seed=config.seed, **context,
     )  # fmt: skip
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
     pop[0].test(env)
