@@ -21,7 +21,12 @@ import numpy as np
 from llm_gym.multi_turn import ConversationExample, EpisodeRecord, MultiTurnGym, MultiTurnRecipe
 from llm_gym.tasks.tictactoe.env import ENV_ID, TicTacToeConfig, TicTacToeEnv
 from llm_gym.tasks.tictactoe.play import (
-    OPPONENTS, GameRecord, GameStats, stats_table, stratified_setups, teacher_conversations,
+    OPPONENTS,
+    GameRecord,
+    GameStats,
+    stats_table,
+    stratified_setups,
+    teacher_conversations,
 )
 
 __all__ = ["RECIPE", "game_metrics", "make_training_env", "sft_examples", "stats_from_records", "test_options"]
