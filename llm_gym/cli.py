@@ -96,6 +96,27 @@ def _default_eval_tasks() -> list[str]:
     return ids
 
 
+def _eval_multi_turn(env_id: str, args: argparse.Namespace, knobs: dict[str, Any]) -> int:
+    """A multi-turn env (a game): its oracle or ``--model`` (a model or an elite folder) on ``-n`` held-out games."""
+    from llm_gym.algorithms.rollout.game_eval import evaluate_multi_turn
+    from llm_gym.multi_turn import multi_turn_recipe
+
+    recipe = multi_turn_recipe(env_id)
+    if recipe is None or len(args.task or []) > 1 or args.dataset:
+        print(f"llm-gym eval: {env_id} is a multi-turn env: evaluate it alone with --task {env_id} [--model PATH]"
+              " (no --dataset)", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        table = evaluate_multi_turn(recipe, model=args.model, num_games=args.num_problems, seed=args.seed,
+                                    max_new_tokens=args.max_new_tokens, **knobs)  # fmt: skip
+    except (TypeError, ValueError) as err:
+        print(f"llm-gym eval: {err}", file=sys.stderr)
+        return 2
+    print(f"{env_id}, policy {args.model or 'oracle'}, {args.num_problems} held-out games per opponent:")
+    print(table)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llm_gym.algorithms.rollout.policies import ModelPolicy, OraclePolicy
     from llm_gym.algorithms.rollout.rollout import evaluate
@@ -106,14 +127,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"llm-gym eval: {err}", file=sys.stderr)
         return 2
+    games = [t for t in tasks if t in list_envs() and t not in list_task_envs()]
+    if games:
+        return _eval_multi_turn(games[0], args, knobs)
     policy_name = args.model or "oracle"
     model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
     rows = []
     for env_id in tasks:
-        if env_id in list_envs() and env_id not in list_task_envs():
-            print(f"llm-gym eval: {env_id} is not a single-turn task env; evaluate a multi-turn game with its "
-                  "module's evaluate_player (llm_gym.tasks.tictactoe.evaluate_player)", file=sys.stderr)
-            return 2
         task = get_task(env_id)
         env = _eval_env(task, args, tokenizer, knobs)
         try:

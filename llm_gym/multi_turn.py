@@ -384,6 +384,8 @@ class MultiTurnRecipe:
     """``make_env(tokenizer, data_batch_size_per_gpu=, test_games=, train_size=, seed=, **knobs)``."""
     report: Callable[[Sequence[EpisodeRecord]], str]
     """A plain-text table of finished held-out episodes (``llm-gym eval``)."""
+    oracle_report: Callable[..., str]
+    """``oracle_report(num_games, seed=..., **knobs)``: the same table for the env's scripted oracle."""
     sft_seq_len: int = 1024
     """Sequence length of the SFT warm-up (whole conversations)."""
     max_model_len: int = 1024

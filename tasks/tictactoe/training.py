@@ -20,10 +20,12 @@ import numpy as np
 
 from llm_gym.multi_turn import ConversationExample, EpisodeRecord, MultiTurnGym, MultiTurnRecipe
 from llm_gym.tasks.tictactoe.env import ENV_ID, TicTacToeConfig, TicTacToeEnv
+from llm_gym.tasks.tictactoe.game import Player
 from llm_gym.tasks.tictactoe.play import (
     OPPONENTS,
     GameRecord,
     GameStats,
+    evaluate_player,
     stats_table,
     stratified_setups,
     teacher_conversations,
@@ -125,8 +127,13 @@ def _report(records: Sequence[EpisodeRecord]) -> str:
     return stats_table(stats_from_records(records))
 
 
+def _oracle_report(num_games: int, *, seed: int = 0, **knobs: Any) -> str:
+    return stats_table(evaluate_player(Player(seed=seed), num_games=num_games, seed=seed, **knobs))
+
+
 RECIPE = MultiTurnRecipe(
     tokenizer_env_ids=(ENV_ID,), sft_examples=sft_examples, make_env=make_training_env, report=_report,
+    oracle_report=_oracle_report,
     sft_seq_len=1024, max_model_len=1024,
 )
 """How ``llm-gym train --task llm_gym/TicTacToe-v0`` trains the game."""
