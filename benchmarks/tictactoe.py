@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -40,6 +41,7 @@ import torch
 logger = logging.getLogger("benchmarks.tictactoe")
 
 RESULTS = Path(__file__).parent / "results"
+CACHE = Path.home() / ".cache" / "llm_gym"
 ENV_ID = "llm_gym/TicTacToe-v0"
 
 
@@ -61,6 +63,13 @@ class TicTacToeBenchmark:
     eval_games: int = 100
     seed: int = 0
     threads: int = 1
+
+
+def sft_cache(config: TicTacToeBenchmark, source: str) -> Path:
+    """Cache folder of the SFT model, keyed on every input that changes it."""
+    key = json.dumps([source, config.teacher_games, config.sft_steps, config.sft_lr, config.sft_batch_size,
+                      config.seed, "v1"])  # fmt: skip
+    return CACHE / f"ttt-sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _rates(stats: dict[str, Any]) -> dict[str, float]:
@@ -106,11 +115,20 @@ def run(config: TicTacToeBenchmark) -> dict[str, Any]:
     report = length_report(examples, tokenizer, seq_len=700)
     teacher = _rates(evaluate_player(Player.teacher(seed=config.seed), num_games=config.eval_games, seed=config.seed))
 
-    model = AutoModelForCausalLM.from_pretrained(source)
-    t0 = time.perf_counter()
-    sft = train_sft(model, tokenizer, examples, SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr,
-                    batch_size=config.sft_batch_size, warmup_steps=20, seq_len=1024, seed=config.seed))  # fmt: skip
-    sft_seconds = time.perf_counter() - t0
+    cache = sft_cache(config, str(source))
+    if (cache / "config.json").is_file():  # the same SFT run done before: reuse it (marked in the results)
+        logger.info("SFT model reused from %s", cache)
+        model = AutoModelForCausalLM.from_pretrained(cache)
+        saved = json.loads((cache / "sft_run.json").read_text())
+        sft_seconds, sft_loss, reused = saved["seconds"], saved["final_loss"], True
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source)
+        t0 = time.perf_counter()
+        sft = train_sft(model, tokenizer, examples, SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr,
+                        batch_size=config.sft_batch_size, warmup_steps=20, seq_len=1024, seed=config.seed))  # fmt: skip
+        sft_seconds, sft_loss, reused = time.perf_counter() - t0, sft.losses[-1], False
+        model.save_pretrained(cache)
+        (cache / "sft_run.json").write_text(json.dumps({"seconds": sft_seconds, "final_loss": sft_loss}))
     policy = ModelPolicy(model, tokenizer.pad_token_id, config.max_output_tokens)
     policy.max_model_len = 1024
     sft_rates = _model_rates(policy, tokenizer, config)
@@ -143,7 +161,8 @@ def run(config: TicTacToeBenchmark) -> dict[str, Any]:
         "sft": sft_rates,
         "rl": rl_rates,
         "sft_seconds": sft_seconds,
-        "sft_final_loss": sft.losses[-1],
+        "sft_final_loss": sft_loss,
+        "sft_reused": reused,
         "rl_seconds": rl_seconds,
         "total_seconds": time.perf_counter() - start,
         "curve": curve,
@@ -184,7 +203,8 @@ def to_markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {name} | {100 * r['optimal_draw_or_win']:.1f} % | {100 * r['random_win']:.1f} % | "
                      f"{100 * r['random_loss']:.1f} % | {100 * r['invalid_games']:.1f} % | "
                      f"{100 * r['invalid_per_turn']:.1f} % |")  # fmt: skip
-    lines += ["", f"Wall time: SFT {record['sft_seconds']:.0f} s (final loss {record['sft_final_loss']:.3f}), "
+    lines += ["", f"Wall time: SFT {record['sft_seconds']:.0f} s (final loss {record['sft_final_loss']:.3f})"
+              f"{' (reused from the cache: the time of the run that trained it)' if record['sft_reused'] else ''}, "
               f"RL {record['rl_seconds']:.0f} s, total {record['total_seconds']:.0f} s on {record['machine']}.", "",
               "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in record["targets"].items()), ""]
     return "\n".join(lines)

@@ -174,6 +174,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     n = int(summary["elite"].get("problems", 0))
     print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
     print(held_out_table({"SFT start": summary["sft"], "elite (GRPO)": summary["elite"]}))
+    for name in ("SFT start", "elite (GRPO)"):  # a game's held-out metrics (multi-turn envs report them)
+        games = {k: v for k, v in summary["sft" if name == "SFT start" else "elite"].items() if k.startswith("game/")
+                 or k in ("optimal/not_lost", "random/win")}  # fmt: skip
+        if games:
+            print(f"{name}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(games.items())))
     print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 

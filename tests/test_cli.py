@@ -180,7 +180,9 @@ def test_train_and_eval_a_game_end_to_end(tmp_path, capsys, monkeypatch):
     config.write_text(TICTACTOE_RUN)
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--output-dir", str(run)]) == 0
-    assert "Held-out results on 4 llm_gym/TicTacToe-v0 problems (greedy):" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Held-out results on 4 llm_gym/TicTacToe-v0 problems (greedy):" in out
+    assert "elite (GRPO): game/draw " in out and "optimal/not_lost" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sft"]["problems"] == 4  # 2 held-out games, each against the optimal and the random opponent
     assert {"reward/outcome", "reward/format", "reward/invalid_move", "optimal/not_lost", "random/win"} <= set(

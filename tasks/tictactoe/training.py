@@ -31,10 +31,10 @@ from llm_gym.tasks.tictactoe.play import (
     teacher_conversations,
 )
 
-__all__ = ["RECIPE", "game_metrics", "make_training_env", "sft_examples", "stats_from_records", "test_options"]
+__all__ = ["RECIPE", "game_metrics", "make_training_env", "sft_examples", "stats_from_records", "held_out_options"]
 
 
-def test_options(num_games: int) -> list[dict[str, Any]]:
+def held_out_options(num_games: int) -> list[dict[str, Any]]:
     """Held-out prompts: test game ``k`` against the optimal opponent, then against the random one, for each ``k``."""
     return [{"index": k, "random_move_prob": p} for k in range(num_games) for p in (OPPONENTS["optimal"],
                                                                                      OPPONENTS["random"])]
@@ -112,7 +112,7 @@ def make_training_env(
         return [s.options() for s in setups]
 
     return MultiTurnGym(
-        make_env, tokenizer, train_options=train_options, test_options=test_options(test_games),
+        make_env, tokenizer, train_options=train_options, test_options=held_out_options(test_games),
         data_batch_size_per_gpu=data_batch_size_per_gpu, num_train=train_size, max_turns=config.max_turns,
         metrics_fn=game_metrics, env_id=ENV_ID,
     )  # fmt: skip
