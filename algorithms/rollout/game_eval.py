@@ -8,7 +8,6 @@ A model plays through the same batched episodes as training's fitness
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,22 @@ __all__ = ["evaluate_multi_turn", "load_model_or_elite"]
 
 
 def load_model_or_elite(path: str) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a model folder (or hub id), or from an elite / agent checkpoint.
+    """A causal LM and its tokenizer from a model folder (or hub id), or from an elite.
 
-    An elite is a PEFT adapter folder (``adapter_config.json``); its base model, named in that file,
-    supplies the weights under the adapter and the tokenizer.
+    An elite folder (``adapter_config.json``) or a run's elite root (its best elite) loads with
+    :func:`~llm_gym.algorithms.run.elites.load_elite`: the recorded base model under the adapter.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        from llm_gym.algorithms.run.elites import load_elite
 
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    else:
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        return load_elite(folder)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
