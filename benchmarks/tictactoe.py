@@ -59,6 +59,8 @@ class TicTacToeBenchmark:
     group_size: int = 8
     lr: float = 1e-3
     temperature: float = 1.0
+    invalid_move_weight: float = -0.1
+    """Weight of the invalid-move part of the training reward (the env's default -0.1); results are outcomes."""
     max_output_tokens: int = 40
     eval_games: int = 100
     seed: int = 0
@@ -139,7 +141,8 @@ def run(config: TicTacToeBenchmark) -> dict[str, Any]:
                  group_size=config.group_size, batch_size=config.prompts_per_step * config.group_size,
                  max_output_tokens=config.max_output_tokens, max_model_len=1024, lr=config.lr, beta=0.0,
                  temperature=config.temperature, seed=config.seed)  # fmt: skip
-    env = make_training_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step, seed=config.seed)
+    env = make_training_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step, seed=config.seed,
+                            invalid_move_weight=config.invalid_move_weight)  # fmt: skip
     curve = []
     t0 = time.perf_counter()
     prompts = env.reset()
