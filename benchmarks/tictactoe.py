@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.tictactoe                      # the defaults
+    .venv/bin/python -m benchmarks.tictactoe                      # the defaults (= results/tictactoe_exp3.md)
     .venv/bin/python -m benchmarks.tictactoe --sft-steps 200 --rl-steps 10 --tag quick
 
 Stages (the embedded tiny model, CPU):
@@ -54,15 +54,17 @@ class TicTacToeBenchmark:
     sft_steps: int = 1000
     sft_lr: float = 3e-3
     sft_batch_size: int = 16
-    rl_steps: int = 40
+    rl_steps: int = 20
     prompts_per_step: int = 8
     group_size: int = 8
-    lr: float = 1e-3
-    temperature: float = 1.0
-    invalid_move_weight: float = -0.1
-    """Weight of the invalid-move part of the training reward (the env's default -0.1); results are outcomes."""
+    lr: float = 3e-4
+    beta: float = 0.0
+    """KL coefficient to the SFT model."""
+    temperature: float = 0.7
+    invalid_move_weight: float = -0.5
+    """Weight of the invalid-move part of the training reward (the env's default is -0.1); results are outcomes."""
     max_output_tokens: int = 40
-    eval_games: int = 100
+    eval_games: int = 50
     seed: int = 0
     threads: int = 1
 
@@ -139,7 +141,7 @@ def run(config: TicTacToeBenchmark) -> dict[str, Any]:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0)
     agent = GRPO(actor_network=model, pad_token_id=tokenizer.pad_token_id, lora_config=lora, device="cpu",
                  group_size=config.group_size, batch_size=config.prompts_per_step * config.group_size,
-                 max_output_tokens=config.max_output_tokens, max_model_len=1024, lr=config.lr, beta=0.0,
+                 max_output_tokens=config.max_output_tokens, max_model_len=1024, lr=config.lr, beta=config.beta,
                  temperature=config.temperature, seed=config.seed)  # fmt: skip
     env = make_training_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step, seed=config.seed,
                             invalid_move_weight=config.invalid_move_weight)  # fmt: skip
