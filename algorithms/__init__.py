@@ -14,7 +14,8 @@ The folders are the architecture; dependencies point one way,
       population.py  create_population: N agents on one base
     rollout/     prompts -> scored completions
       rollout.py     Rollout, rollout() and evaluate(): one path for training, fitness and llm-gym eval
-      multi_turn.py  MultiTurnEnv protocol and the batched generate -> env step turn loop
+      multi_turn.py  MultiTurnEnv protocol, the batched generate -> env step turn loop, play_held_out
+      game_eval.py   llm-gym eval of a multi-turn env (its oracle, a model or an elite)
       backend.py     GenerationBackend protocol, SamplingConfig, BACKENDS by name, make_backend
       hf.py, vllm.py the "hf" (training model, CPU default) and "vllm" backends
       decoding.py    the lean decoding loop of the HF backend
@@ -26,7 +27,7 @@ The folders are the architecture; dependencies point one way,
                  elites.py (EliteStore, load_elite), loggers.py (CSV/TensorBoard/W&B), plots.py
     plumbing/    no concept of its own: kv_cache.py, lora_swap.py (faster decoding and update),
                  cpu_allocator.py, atomic.py (crash-safe writes)
-    sft.py       SFT warm-up on oracle solutions or filtered rollouts
+    sft.py       SFT warm-up on oracle solutions, filtered rollouts or whole multi-turn games
     recipe.py    the main job (llm-gym train): tiny model -> SFT -> population GRPO -> held-out table
 
 Imports here are lazy so ``import llm_gym.algorithms`` stays light (no torch, transformers or peft

@@ -207,8 +207,11 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
     """
     import gymnasium as gym
 
+    from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.registry import get_task
 
+    if multi_turn_recipe(config.task) is not None:  # a game: its env checks its own knobs when it is built
+        return _check_resume(config)
     try:
         task = get_task(config.task)
     except gym.error.Error as err:
@@ -228,6 +231,11 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"model {config.model}: cannot load it ({first}); give a local model folder or a hub id") from None
+    return _check_resume(config)
+
+
+def _check_resume(config: TrainConfig) -> ResumePoint | None:
+    """The resume point of ``config.resume`` (None without one), checked against the config."""
     if not config.resume:
         return None
     point = find_resume_point(config.resume)
@@ -249,8 +257,11 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
     return point
 
 
-def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = None) -> tuple[str, Any]:
-    """The warm-started model folder and its tokenizer (a resume reuses the model its checkpoint sits on)."""
+def _sft_model(
+    config: TrainConfig, run_dir: Path, point: ResumePoint | None = None, multi_turn: Any = None
+) -> tuple[str, Any]:
+    """The warm-started model folder and its tokenizer (a resume reuses the model its checkpoint sits on;
+    ``multi_turn``: the env's MultiTurnRecipe, or None)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -261,7 +272,8 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
     if point is not None and config.sft_steps > 0:
         logger.info("resume: the SFT model is the run's own %s (the warm-up is not repeated)", point.base_model)
         return str(point.base_model), AutoTokenizer.from_pretrained(point.base_model)
-    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed))
+    env_ids = multi_turn.tokenizer_env_ids if multi_turn is not None else None
+    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed, env_ids=env_ids))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if config.sft_steps == 0:
         return source, tokenizer
@@ -270,9 +282,11 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
         logger.info("SFT warm-up reused from cache %s (identical model, task, knobs and SFT settings; "
                     "set sft_cache=False to train it again)", cache)  # fmt: skip
         return str(cache), tokenizer
-    task = get_task(config.task)
     model = AutoModelForCausalLM.from_pretrained(source)
-    if config.sft_dataset is not None:
+    seq_len = 512 if multi_turn is None else multi_turn.sft_seq_len
+    if multi_turn is not None:  # a game: the teacher's filtered games (sft_examples games played)
+        examples = multi_turn.sft_examples(config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
+    elif config.sft_dataset is not None:
         from llm_gym.rollout_dataset import load_rollouts
 
         examples = dataset_examples(load_rollouts(config.sft_dataset), tokenizer)
@@ -283,14 +297,15 @@ def _sft_model(config: TrainConfig, run_dir: Path, point: ResumePoint | None = N
 
             solver = WeakTeacher(config.sft_teacher, seed=config.seed + 2)
             logger.info("SFT data from a %s (not the exact oracle)", solver.describe())
-        examples = oracle_examples(task, tokenizer, size=config.sft_examples, seed=config.seed + 1, solver=solver,
+        examples = oracle_examples(get_task(config.task), tokenizer, size=config.sft_examples, seed=config.seed + 1, solver=solver,
                                    **config.task_kwargs)  # fmt: skip
         if solver is not None:
             logger.info("teacher habits written: %s of %d examples", solver.applied, solver.calls)
-    report = length_report(examples, tokenizer, seq_len=512)
-    logger.info("SFT data: %d examples, longest %d tokens", len(examples), report.max_length)
+    report = length_report(examples, tokenizer, seq_len=seq_len)
+    logger.info("SFT data: %d examples, longest %d tokens, %.2f %% fit in %d", len(examples), report.max_length,
+                100 * report.fit_fraction, seq_len)  # fmt: skip
     sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
-                    warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True)  # fmt: skip
+                    warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True, seq_len=seq_len)  # fmt: skip
     with logging_redirect_tqdm():  # log lines go through the progress bar, not onto it
         result = train_sft(model, tokenizer, examples, sft, callback=_band_stop(config, model, tokenizer))
     logger.info("SFT: %d steps in %.1fs, final loss %.3f%s", result.steps, result.seconds, result.losses[-1],
@@ -427,6 +442,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.algorithms.rollout.rollout import evaluate
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
     from llm_gym.algorithms.run.report import build_summary
+    from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.reasoning_gym import ReasoningGym
 
     start = time.perf_counter()
@@ -442,20 +458,30 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
     (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
 
-    model_path, tokenizer = _sft_model(config, run_dir, point)
-    env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
-                                 validation_size=config.validation_size, seed=config.seed,
-                                 data_batch_size_per_gpu=config.prompts_per_step, **config.task_kwargs)  # fmt: skip
+    multi_turn = multi_turn_recipe(config.task)  # None for single-turn tasks
+    model_path, tokenizer = _sft_model(config, run_dir, point, multi_turn)
+    if multi_turn is None:
+        env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
+                                     validation_size=config.validation_size, seed=config.seed,
+                                     data_batch_size_per_gpu=config.prompts_per_step, **config.task_kwargs)  # fmt: skip
+    else:  # test_size held-out games, each against the optimal and the random opponent
+        env = multi_turn.make_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step,
+                                  test_games=config.test_size, train_size=config.train_size, seed=config.seed,
+                                  **config.task_kwargs)  # fmt: skip
+    context = {} if multi_turn is None else {"max_model_len": multi_turn.max_model_len}
     lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                       task_type="CAUSAL_LM", lora_dropout=0.0)  # fmt: skip
     pop = create_population(
         config.population, model_name=model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
         lora_config=lora, batch_size=config.prompts_per_step * config.group_size, group_size=config.group_size,
         max_output_tokens=config.max_output_tokens, lr=config.lr, beta=config.beta, temperature=config.temperature,
-        dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed,
+        dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed, **context,
     )  # fmt: skip
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
-    sft_eval, sft_validation = evaluate(pop[0], env, split="test"), evaluate(pop[0], env, split="validation")
+    # Fitness: exact accuracy on the validation split; a game env has none yet, so its held-out games' reward.
+    fitness_split, fitness = ("validation", "accuracy") if multi_turn is None else ("test", "reward")
+    sft_eval = evaluate(pop[0], env, split="test")
+    sft_validation = evaluate(pop[0], env, split=fitness_split) if multi_turn is None else sft_eval
     logger.info("SFT model on %d test problems: %s", config.test_size, sft_eval)
 
     evolve = config.population > 1
@@ -469,12 +495,13 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         max_steps=point.step if point and point.max_reward_reached else config.max_steps,
         elite_path=str(run_dir / "elites"), checkpoint_path=str(run_dir / "checkpoints"),
         resume_from=str(point.checkpoint) if point else None,
-        log_dir=str(run_dir), max_reward=1.0, fitness="accuracy", fitness_split="validation",
-        eval_problems=config.validation_size, initial_eval=sft_validation,
+        log_dir=str(run_dir), max_reward=1.0 if multi_turn is None else env.rubric.max_total, fitness=fitness,
+        fitness_split=fitness_split, eval_problems=config.validation_size if multi_turn is None else None,
+        initial_eval=sft_validation,
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:
-        best.test(env, split="validation", fitness="accuracy")
+        best.test(env, split=fitness_split, fitness=fitness)
     elite_validation = dict(best.last_eval)
     summary = build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,

@@ -41,6 +41,8 @@ __all__ = [
     "SFTResult",
     "collate",
     "dataset_examples",
+    "collate_rows",
+    "example_row",
     "filter_rollouts",
     "length_report",
     "oracle_examples",
@@ -242,7 +244,18 @@ def tokenize_example(example: SFTExample, tokenizer: Any, *, add_eos: bool = Tru
     return list(prompt_ids), list(completion_ids)
 
 
-def length_report(examples: Sequence[SFTExample], tokenizer: Any, seq_len: int) -> LengthReport:
+def example_row(example: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of one example: an :class:`SFTExample` (labels on the completion), or any
+    example with ``tokenize(tokenizer) -> (ids, labels)`` such as a multi-turn
+    :class:`~llm_gym.multi_turn.ConversationExample` (labels on every assistant turn)."""
+    if hasattr(example, "tokenize"):
+        ids, labels = example.tokenize(tokenizer)
+        return list(ids), list(labels)
+    prompt, completion = tokenize_example(example, tokenizer)
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def length_report(examples: Sequence[Any], tokenizer: Any, seq_len: int) -> LengthReport:
     """Measure how many examples fit ``seq_len`` tokens, and log it.
 
     Args:
@@ -253,7 +266,7 @@ def length_report(examples: Sequence[SFTExample], tokenizer: Any, seq_len: int) 
     Returns:
         The report; the log line reads like seed 000's "98.28% of conversations fit within 700 tokens".
     """
-    lengths = [sum(map(len, tokenize_example(ex, tokenizer))) for ex in examples]
+    lengths = [len(example_row(ex, tokenizer)[0]) for ex in examples]
     report = LengthReport(
         count=len(lengths),
         max_length=max(lengths, default=0),
@@ -284,10 +297,15 @@ def collate(
         ``({"input_ids", "attention_mask", "labels"}, number of truncated sequences)``; tensors are ``[B, L]``
         with ``L`` the longest kept sequence.
     """
+    return collate_rows([(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in pairs], pad_id, seq_len)
+
+
+def collate_rows(
+    pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, seq_len: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`collate` of ``(ids, labels)`` rows (labels -100 where not trained), e.g. multi-turn examples."""
     rows, truncated = [], 0
-    for prompt, completion in pairs:
-        ids = prompt + completion
-        labels = [IGNORE_INDEX] * len(prompt) + completion
+    for ids, labels in pairs:
         if len(ids) > seq_len:
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
@@ -455,7 +473,7 @@ def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> I
 def train_sft(
     model: torch.nn.Module,
     tokenizer: Any,
-    examples: Sequence[SFTExample],
+    examples: Sequence[Any],
     config: SFTConfig | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> SFTResult:
@@ -467,7 +485,8 @@ def train_sft(
     Args:
         model: A causal LM (Hugging Face or PEFT); it is left in eval mode.
         tokenizer: Its tokenizer; its eos id ends each completion and its pad id pads.
-        examples: The training pairs.
+        examples: The training pairs (:class:`SFTExample`), or multi-turn examples with
+            ``tokenize(tokenizer) -> (ids, labels)`` (:class:`~llm_gym.multi_turn.ConversationExample`).
         config: Hyper-parameters; default :class:`SFTConfig()`.
         callback: Called as ``callback(step, loss)`` after every optimizer step; a truthy return
             ends the warm-up there (``result.stopped_early``), e.g. :class:`BandStop`.
@@ -485,7 +504,7 @@ def train_sft(
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = [tokenize_example(ex, tokenizer) for ex in examples]
+    pairs = [example_row(ex, tokenizer) for ex in examples]
     total = config.total_steps(len(pairs))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     device = next(model.parameters()).device
@@ -503,7 +522,7 @@ def train_sft(
     model.train()
     start = time.perf_counter()
     for step, idx in enumerate(_batches(len(pairs), config.batch_size, total, rng)):
-        batch, cut = collate([pairs[i] for i in idx], pad_id, config.seq_len)
+        batch, cut = collate_rows([pairs[i] for i in idx], pad_id, config.seq_len)
         batch = {k: v.to(device) for k, v in batch.items()}
         result.truncated += cut
         result.tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import llm_gym
 from llm_gym.data_command import add_data_parser
 from llm_gym.eval_command import add_endpoint_args
-from llm_gym.registry import env_description, list_envs
+from llm_gym.registry import env_description, list_envs, list_task_envs
 from llm_gym.sft_command import add_sft_parser
 from llm_gym.table import format_table
 from llm_gym.usage import UsageError
@@ -76,10 +76,37 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_multi_turn(env_id: str, args: argparse.Namespace, knobs: dict[str, Any]) -> int:
+    """A multi-turn env (a game): its oracle or ``--model`` (a model or an elite folder) on ``-n`` held-out games."""
+    from llm_gym.algorithms.rollout.game_eval import evaluate_multi_turn
+    from llm_gym.multi_turn import multi_turn_recipe
+
+    recipe = multi_turn_recipe(env_id)
+    if recipe is None or len(args.task or []) > 1 or args.dataset:
+        raise UsageError(f"{env_id} is a multi-turn env: evaluate it alone with --task {env_id} [--model PATH]"
+                         " (no --dataset)")  # fmt: skip
+    if args.num_problems < 1:
+        raise UsageError(f"-n {args.num_problems}: evaluate at least one game (-n 1 or more)")
+    try:
+        table = evaluate_multi_turn(recipe, model=args.model, num_games=args.num_problems, seed=args.seed,
+                                    max_new_tokens=args.max_new_tokens or 128, **knobs)  # fmt: skip
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    print(f"{env_id}, policy {args.model or 'oracle'}, {args.num_problems} held-out games per opponent:")
+    print(table)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llm_gym.eval_command import run_eval
 
-    return run_eval(args, parse_task_kwargs(args.task_kwargs) or {})
+    knobs = parse_task_kwargs(args.task_kwargs) or {}
+    games = [t for t in args.task or [] if t in list_envs() and t not in list_task_envs()]
+    if games and not args.base_url and not (args.save_dataset or args.out):
+        # win / draw / loss against both opponents (issue 14's table); an endpoint, --out or
+        # --save-dataset go through the shared eval path below
+        return _eval_multi_turn(games[0], args, knobs)
+    return run_eval(args, knobs)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -101,6 +128,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(results_table(summary))
     if summary.get("sft_data"):
         print(summary["sft_data"])
+    for name in ("SFT start", "elite (GRPO)"):  # a game's held-out metrics (multi-turn envs report them)
+        games = {k: v for k, v in summary["sft" if name == "SFT start" else "elite"].items() if k.startswith("game/")
+                 or k in ("optimal/not_lost", "random/win")}  # fmt: skip
+        if games:
+            print(f"{name}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(games.items())))
     print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 

@@ -58,3 +58,19 @@ def test_evolution_benchmark_quick_mode_matches_generated_tokens(tmp_path):
     # The single agent stops at the first step that reaches the population's tokens: within one step.
     assert evolution > 0 and evolution <= single <= evolution + 2 * 4 * 12
     assert "evolution minus single agent:" in (tmp_path / "evolution.md").read_text()
+
+
+def test_tictactoe_rates_and_targets_by_hand():
+    from benchmarks.tictactoe import _rates, targets
+    from llm_gym.tasks.tictactoe import GameStats
+
+    optimal = GameStats(games=10, wins=1, draws=8, losses=1, invalid_games=1, invalid_moves=2, turns=40, mean_reward=0.6)
+    random = GameStats(games=10, wins=9, draws=0, losses=1, invalid_games=0, invalid_moves=0, turns=40, mean_reward=1.0)
+    rates = _rates({"optimal": optimal, "random": random})
+    # draws + wins vs optimal 9/10; wins vs random 9/10; 1 of 20 games with an invalid move; 2 of 80 turns
+    assert rates == pytest.approx({"optimal_draw_or_win": 0.9, "optimal_draw": 0.8, "random_win": 0.9,
+                                   "random_loss": 0.1, "invalid_games": 0.05, "invalid_per_turn": 0.025})
+    worse = {**rates, "optimal_draw_or_win": 0.5, "random_win": 0.5, "invalid_games": 0.3}
+    met = targets({"rl": rates, "sft": worse, "teacher": worse})
+    assert met == {"optimal_draw_or_win >= 0.90": True, "random_win >= 0.80": True, "invalid_games <= 0.02": False,
+                   "above SFT start": True, "above the teacher": True}

@@ -228,3 +228,55 @@ def test_train_config_rejects_a_teacher_or_band_it_cannot_use():
     assert TrainConfig(task="llm_gym/Zebra-v0").sft_teacher == {}
     assert load_config(task="llm_gym/Zebra-v0").sft_teacher == {}
     assert load_config(sft_stop_band=[0.1, 0.5]).sft_stop_band == [0.1, 0.5]
+
+
+TICTACTOE_RUN = """\
+task: llm_gym/TicTacToe-v0
+task_kwargs: {}
+sft_steps: 2
+sft_examples: 12
+sft_batch_size: 4
+population: 1
+train_size: 16
+test_size: 2
+prompts_per_step: 2
+group_size: 2
+max_output_tokens: 6
+max_steps: 1
+evaluation_interval: 1
+"""
+
+
+def _game_rows(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("random", "optimal"))}
+
+
+def test_eval_of_a_game_prints_outcomes_per_opponent_for_the_oracle(capsys):
+    assert main(["eval", "--task", "llm_gym/TicTacToe-v0", "-n", "20"]) == 0
+    rows = _game_rows(capsys.readouterr().out)
+    # games, win %, draw %, loss %, invalid games %, invalid/turn %: the oracle never loses
+    assert rows["optimal"] == ["20", "0.0", "100.0", "0.0", "0.0", "0.0"]
+    assert rows["random"][0] == "20" and rows["random"][3:] == ["0.0", "0.0", "0.0"]
+    assert main(["eval", "--task", "llm_gym/TicTacToe-v0", "--task-kwargs", "max_turn=3"]) == 2
+    assert "llm-gym eval: llm_gym/TicTacToe-v0 got unknown argument 'max_turn'" in capsys.readouterr().err
+
+
+def test_train_and_eval_a_game_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "ttt.yaml"
+    config.write_text(TICTACTOE_RUN)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "Held-out results on 4 llm_gym/TicTacToe-v0 problems (greedy):" in out
+    assert "elite (GRPO): game/draw " in out and "optimal/not_lost" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sft"]["problems"] == 4  # 2 held-out games, each against the optimal and the random opponent
+    assert {"reward/outcome", "reward/format", "reward/invalid_move", "optimal/not_lost", "random/win"} <= set(
+        summary["elite"]
+    )
+    elite = run / "elites"  # the run's elite root: its best elite is evaluated
+    assert main(["eval", "--task", "llm_gym/TicTacToe-v0", "-n", "2", "--model", str(elite),
+                 "--max-new-tokens", "6"]) == 0  # fmt: skip
+    rows = _game_rows(capsys.readouterr().out)
+    assert rows["optimal"][0] == "2" and rows["random"][0] == "2"

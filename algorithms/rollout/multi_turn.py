@@ -14,7 +14,8 @@ the model's tokens only, so the loss never trains the environment's or the templ
 the whole trajectory gets one reward, hence one advantage from its group.
 
 Any environment with the members of :class:`MultiTurnEnv` plugs in; it owns its tokenizer, its
-rules and its scoring.
+rules and its scoring. :class:`llm_gym.multi_turn.MultiTurnGym` makes one of any multi-turn
+Gymnasium text env (``llm_gym/TicTacToe-v0``).
 """
 
 from __future__ import annotations
@@ -27,21 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["EnvTurn", "Episodes", "MultiTurnEnv", "run_episodes"]
+from llm_gym.multi_turn import EnvTurn  # defined in the core: envs there answer with it
 
-
-@dataclass(frozen=True)
-class EnvTurn:
-    """The environment's answer to one model turn of one trajectory.
-
-    Attributes:
-        tokens: Ids appended after the model's turn when the episode goes on (the environment's
-            message and the template's tokens up to the next assistant turn); masked from the loss.
-        done: The episode ended (won, lost, solved, or the environment's own turn cap).
-    """
-
-    tokens: Sequence[int] = ()
-    done: bool = False
+__all__ = ["EnvTurn", "Episodes", "MultiTurnEnv", "play_held_out", "run_episodes"]
 
 
 @runtime_checkable
@@ -204,3 +193,31 @@ def run_episodes(policy: Any, env: MultiTurnEnv, prompts: Sequence[dict[str, Any
     rewards = env.finish_episodes()
     packed_ids, packed_masks = _pack(trajectories, group_size, int(policy.pad_token_id))
     return Episodes(packed_ids, packed_masks, torch.as_tensor(rewards, dtype=torch.float32), turn)
+
+
+def play_held_out(policy: Any, env: Any, *, greedy: bool = True) -> list[Any]:
+    """Play every held-out prompt of a multi-turn env once and return the finished episodes.
+
+    The same episodes as :func:`~llm_gym.algorithms.rollout.rollout.evaluate` plays for fitness,
+    for reports that need each episode (win / draw / loss per opponent) rather than means.
+
+    Args:
+        policy: As for :func:`run_episodes` (a GRPO agent, a ``ModelPolicy``).
+        env: A multi-turn env keeping ``last_records`` (:class:`~llm_gym.multi_turn.MultiTurnGym`).
+        greedy: One greedy episode per prompt; False samples with the policy's settings.
+
+    Returns:
+        One :class:`~llm_gym.multi_turn.EpisodeRecord` per held-out prompt (per sample when not greedy).
+    """
+    total = env.num_problems("test")
+    records: list[Any] = []
+    seen = 0
+    with env.eval_mode():
+        prompts = env.reset(reset_dataloaders=True)
+        while True:
+            run_episodes(policy, env, prompts, training=not greedy)
+            records += env.last_records
+            seen += len(prompts)
+            if seen >= total:
+                return records
+            prompts = env.reset()

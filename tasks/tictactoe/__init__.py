@@ -3,7 +3,9 @@
 The environment and its card are in :mod:`~llm_gym.tasks.tictactoe.env`; the rules, the
 opponent, the answer format and the scripted players (oracle and noisy teacher) in
 :mod:`~llm_gym.tasks.tictactoe.game`; batched play for training (stratified opponent buckets),
-SFT data from filtered games and evaluation in :mod:`~llm_gym.tasks.tictactoe.play`. Everything
+SFT data from filtered games and evaluation in :mod:`~llm_gym.tasks.tictactoe.play`; the game as
+the trainer's batched token-id env, multi-turn SFT examples and per-opponent results of a model in
+:mod:`~llm_gym.tasks.tictactoe.training`. Everything
 public is importable from here. Importing this package registers the env.
 """
 
@@ -53,6 +55,13 @@ from llm_gym.tasks.tictactoe.play import (
     strength_buckets,
     teacher_conversations,
 )
+from llm_gym.tasks.tictactoe.training import (
+    game_metrics,
+    held_out_options,
+    make_training_env,
+    sft_examples,
+    stats_from_records,
+)
 
 __all__ = [
     "EMPTY", "ENV_ID", "OPPONENTS", "OUTCOME_REWARDS", "SYSTEM_PROMPT", "TEST_FRACTION",
@@ -60,7 +69,8 @@ __all__ = [
     "batch_options", "best_moves", "evaluate_player", "format_reward", "free_cells", "game_records",
     "invalid_move_reward", "is_formatted", "keep_for_sft", "make_batch", "make_rubric", "model_starts", "move_tag",
     "move_text", "opponent_move", "other", "outcome_reward", "parse_move", "place", "play_games", "render_board",
-    "sft_conversation", "stats_table", "stratified_setups", "strength_buckets", "teacher_conversations", "winner",
+    "sft_conversation", "stats_table", "game_metrics", "held_out_options", "make_training_env", "sft_examples",
+    "stats_from_records", "stratified_setups", "strength_buckets", "teacher_conversations", "winner",
 ]
 
 register_env(ENV_ID, "llm_gym.tasks.tictactoe.env:TicTacToeEnv")

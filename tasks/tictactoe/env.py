@@ -70,7 +70,8 @@ split's games), ``tokenizer``, ``render_mode`` (``"ansi"``: the board as text),
 ``random_move_prob`` (a probability, or a ``[low, high]`` range from which each game draws its
 own; default ``[0, 1]``), ``max_turns`` (8), ``outcome_weight``, ``format_weight``,
 ``invalid_move_weight``. ``reset(options={"index": i, "random_move_prob": p})`` picks game ``i``
-and pins the opponent's strength.
+and pins the opponent's strength. ``forfeit()`` ends a running game as a loss (a trainer that
+stops an episode at its context length).
 
 ## Version History
 * v0: initial version.
@@ -353,13 +354,30 @@ class TicTacToeEnv(gym.Env):
         if truncated:
             status, outcome = f"{status} Turn limit of {self.config.max_turns} reached: you lose.", "loss"
         self._messages.append(_user(status, self._board, over=outcome is not None))
-        reward = 0.0
-        if outcome is not None:
-            columns = {"outcome": outcome, "turns": tuple(self._turns), "invalid_moves": self._invalid,
-                       "board": self._board, "mark": self.mark}
-            score = self.rubric.score(action, columns)
-            self._result, reward = (outcome, dict(score.parts), dict(score.errors)), float(score.total)
+        reward = 0.0 if outcome is None else self._score(outcome)
         return self._observe(), reward, outcome is not None and not truncated, truncated, self._info()
+
+    def _score(self, outcome: str) -> float:
+        """End the game with ``outcome``: score it with the rubric and keep the result."""
+        columns = {"outcome": outcome, "turns": tuple(self._turns), "invalid_moves": self._invalid,
+                   "board": self._board, "mark": self.mark}  # fmt: skip
+        score = self.rubric.score(self._turns[-1] if self._turns else "", columns)
+        self._result = (outcome, dict(score.parts), dict(score.errors))
+        return float(score.total)
+
+    def forfeit(self) -> tuple[float, dict[str, Any]]:
+        """End a running game now, scored as a loss like the turn cap (a trainer that stops an
+        episode early, e.g. at its context length, calls this).
+
+        Returns:
+            ``(reward, info)``: the final step's reward and the info with ``outcome`` and ``rewards``.
+
+        Raises:
+            RuntimeError: before ``reset`` or after the game is over.
+        """
+        if not self._messages or self._result is not None:
+            raise RuntimeError("forfeit() ends a running game: call reset() first")
+        return self._score("loss"), self._info()
 
     def _observe(self) -> dict[str, Any]:
         obs: dict[str, Any] = {"messages": tuple(dict(m) for m in self._messages)}
@@ -382,6 +400,13 @@ class TicTacToeEnv(gym.Env):
             return None
         state = f"outcome: {self._result[0]}" if self._result is not None else "in play"
         return f"{render_board(self._board)}\nmodel: {self.mark}, invalid moves: {self._invalid}, {state}"
+
+    @classmethod
+    def multi_turn_recipe(cls) -> Any:
+        """How ``llm-gym train`` trains the game (:class:`~llm_gym.multi_turn.MultiTurnRecipe`)."""
+        from llm_gym.tasks.tictactoe.training import RECIPE
+
+        return RECIPE
 
     @classmethod
     def example_conversations(cls, count: int, seed: int = 0) -> list[list[dict[str, str]]]:

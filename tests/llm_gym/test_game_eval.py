@@ -84,9 +84,11 @@ def test_games_through_an_endpoint_score_as_the_same_player_locally(tmp_path, ca
     assert all(e.completion.startswith("<think>first best move</think><move>") for e in examples)
 
 
-def test_a_multi_turn_env_without_a_model_names_the_fix(capsys):
-    assert main(["eval", "--task", ENV_ID, "-n", "2"]) == 2
+def test_a_multi_turn_env_saved_as_rollouts_without_a_model_names_the_fix(tmp_path, capsys):
+    # plain `eval --task TicTacToe` plays the oracle (tests/test_cli.py); its rollouts need a model to record
+    assert main(["eval", "--task", ENV_ID, "-n", "2", "--save-dataset", str(tmp_path / "games")]) == 2
     assert "is a multi-turn env with no oracle here: pass --model PATH" in capsys.readouterr().err
+    assert not (tmp_path / "games").exists()
 
 
 def test_a_local_model_plays_the_games_into_the_same_records_as_an_endpoint(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,52 @@
+"""Multi-turn GRPO measurably lowers the invalid-move rate of an SFT-warmed model on held-out games (CPU).
+
+The embedded tiny model (TicTacToe tokenizer) is warmed up briefly on the teacher's first turns:
+it has seen the answer format, but a third of its sampled moves are malformed or on taken cells.
+Then one LoRA GRPO agent trains through the multi-turn rollout on a reward that asks only for
+valid, well-formatted moves (knobs: ``format_weight=1``, ``invalid_move_weight=-1``,
+``outcome_weight=0``; ``max_turns=1``), and the held-out mean reward (8 samples at T=1 on each of
+the same 16 held-out game setups) must rise by a fixed margin while the share of games with an
+invalid move falls. Everything is seeded and runs on one thread.
+
+Observed on the 2-core development machine (seed 0): held-out mean sampled reward 0.281 before
+GRPO, 0.500 after; games with an invalid move 36.7 % -> 21.1 %. About 30 s of CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_gym.algorithms.grpo.agent import GRPO
+from llm_gym.algorithms.rollout.rollout import evaluate, rollout
+from llm_gym.algorithms.sft import SFTConfig, train_sft
+from llm_gym.multi_turn import ConversationExample
+from llm_gym.tasks.tictactoe import ENV_ID
+from llm_gym.tasks.tictactoe.training import make_training_env, sft_examples
+from llm_gym.tiny import tiny_model_path
+
+MARGIN = 0.1
+"""Required rise of the held-out mean sampled reward (range [-1, 1]); observed rise 0.22."""
+VALIDITY = {"format_weight": 1.0, "invalid_move_weight": -1.0, "outcome_weight": 0.0, "max_turns": 1}
+
+
+def test_multi_turn_grpo_lowers_the_invalid_move_rate():
+    torch.manual_seed(0)
+    source = str(tiny_model_path("tiny", env_ids=[ENV_ID]))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    first_turns = [ConversationExample(e.messages[:3]) for e in sft_examples(100, seed=1)]  # rules, board, move
+    train_sft(model, tokenizer, first_turns, SFTConfig(max_steps=150, lr=3e-3, batch_size=8, warmup_steps=5))
+    env = make_training_env(tokenizer, data_batch_size_per_gpu=4, test_games=8, **VALIDITY)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0)
+    agent = GRPO(actor_network=model, pad_token_id=tokenizer.pad_token_id, lora_config=lora, device="cpu",
+                 group_size=8, batch_size=32, max_output_tokens=32, max_model_len=1024, lr=3e-3, beta=0.0,
+                 seed=0)  # fmt: skip
+    before = evaluate(agent, env, greedy=False)
+    assert 0.1 < before["game/invalid_games"] < 0.9  # room to learn, and something to learn from
+    for _ in range(30):
+        agent.learn(rollout(agent, env, env.reset()).experience)
+    after = evaluate(agent, env, greedy=False)
+    assert after["reward/total"] >= before["reward/total"] + MARGIN, (before, after)
+    assert after["game/invalid_games"] < before["game/invalid_games"]
