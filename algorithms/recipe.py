@@ -35,7 +35,9 @@ class TrainConfig:
                                                                   "max_target": 30})
     """Difficulty knobs of the task (its config fields)."""
     model: str | None = None
-    """A local path or hub id of a causal LM; ``None`` builds the embedded tiny model."""
+    """A local path or hub id of a causal LM, a ``.gguf`` file, or ``"smollm2-135m"`` (the ``smollm2`` extra;
+    see :func:`llm_gym.models.resolve_model`); ``None`` builds the embedded tiny model. For a pretrained
+    model set ``sft_steps=0``: the warm-up is a full fine-tune at ``sft_lr`` meant for the tiny model."""
     tiny_preset: str = "tiny"
     """Preset of the embedded model (``llm_gym.tiny.PRESETS``) when ``model`` is None."""
     sft_steps: int = 80
@@ -125,10 +127,11 @@ def _sft_model(config: TrainConfig, run_dir: Path) -> tuple[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gym.algorithms.sft import SFTConfig, length_report, oracle_examples, train_sft
+    from llm_gym.models import resolve_model
     from llm_gym.registry import get_task
     from llm_gym.tiny import tiny_model_path
 
-    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed))
+    source = resolve_model(config.model) if config.model else str(tiny_model_path(config.tiny_preset, seed=config.seed))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if config.sft_steps == 0:
         return source, tokenizer
@@ -212,6 +215,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+    from llm_gym.models import lora_target_modules
     from llm_gym.reasoning_gym import ReasoningGym
 
     start = time.perf_counter()
@@ -226,7 +230,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                  seed=config.seed, data_batch_size_per_gpu=config.prompts_per_step,
                                  **config.task_kwargs)  # fmt: skip
-    lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
+    lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules=lora_target_modules(model_path),
                       task_type="CAUSAL_LM", lora_dropout=0.0)  # fmt: skip
     pop = create_population(
         config.population, model_name=model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,

