@@ -16,7 +16,7 @@
 # with weights on that machine; the output says which. Extra arguments go to benchmarks/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CARRY=benchmarks/gpu_carry
+CARRY=${GPU_CHECK_CARRY:-benchmarks/gpu_carry}
 
 if [[ "${1:-}" == "--prepare" ]]; then
     PY=${PYTHON:-.venv/bin/python}
