@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timed = step_s[1:] if len(step_s) > 1 else step_s
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "llm_gym_from": str(Path(sys.modules["llm_gym"].__file__).parent),
         "weights": weights,
         "dtype": args.dtype,
         "population": args.population,

@@ -6,6 +6,7 @@ model on CPU, in bf16 (the GPU dtype: fp32 LoRA adapters over a bf16 base), with
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,4 +50,6 @@ def test_shell_installs_the_carried_wheels_offline_and_runs_on_cpu(tmp_path):
                           text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lora_only_ok: True" in proc.stdout and proc.stdout.rstrip().endswith("GPU CHECK PASSED")
-    assert (tmp_path / "gpu_check.json").is_file()
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    # llm_gym came from the folder the script laid out, not from this checkout's editable install
+    assert results["llm_gym_from"].startswith("/tmp/gpu_check_site.") and results["lora_b_params"] == 2 * 7 * 4
