@@ -80,6 +80,13 @@ def test_cli_without_the_extra_exits_2_with_one_line_and_writes_nothing(monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_with_a_missing_gguf_file_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "model.gguf"
+    assert main(["eval", "--model", str(missing), "--task", "llm_gym/Subtraction-v0", "-n", "4"]) == 2
+    assert capsys.readouterr().err == (f"llm-gym eval: GGUF file {missing} does not exist: pass the path of a "
+                                       ".gguf file or --model smollm2-135m\n")  # fmt: skip
+
+
 def test_lora_targets_are_the_llama_projections_and_all_linear_elsewhere(tmp_path):
     llama, qwen = tmp_path / "llama", tmp_path / "qwen"
     for folder, model_type in ((llama, "llama"), (qwen, "qwen2")):
