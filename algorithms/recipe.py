@@ -43,7 +43,9 @@ class TrainConfig:
     """Difficulty knobs of the task (its config fields); ``None``: the task's demo knobs
     (:data:`DEMO_TASK_KWARGS`, small Countdown problems the tiny model can learn), else none."""
     model: str | None = None
-    """A local path or hub id of a causal LM; ``None`` builds the embedded tiny model."""
+    """A local path or hub id of a causal LM, a ``.gguf`` file, or ``"smollm2-135m"`` (the ``smollm2`` extra;
+    see :func:`llm_gym.models.resolve_model`); ``None`` builds the embedded tiny model. For a pretrained
+    model set ``sft_steps=0``: the warm-up is a full fine-tune at ``sft_lr`` meant for the tiny model."""
     tiny_preset: str = "tiny"
     """Preset of the embedded model (``llm_gym.tiny.PRESETS``) when ``model`` is None."""
     sft_steps: int = 800
@@ -210,7 +212,11 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
     from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.registry import get_task
 
-    if multi_turn_recipe(config.task) is not None:  # a game: its env checks its own knobs when it is built
+    try:
+        game = multi_turn_recipe(config.task) is not None
+    except gym.error.Error:  # not registered: get_task below names the fix
+        game = False
+    if game:  # a game: its env checks its own knobs when it is built
         return _check_resume(config)
     try:
         task = get_task(config.task)
@@ -223,11 +229,17 @@ def _check_run(config: TrainConfig) -> ResumePoint | None:
     if task.solve is None and config.sft_steps > 0 and config.sft_dataset is None:
         raise UsageError(f"{config.task} has no oracle solver to write the SFT warm-up's examples: set sft_steps: 0")
     if config.model is not None:
-        check_model_source(config.model, "model")
         from transformers import AutoConfig
 
+        from llm_gym.models import ModelResolutionError, resolve_model
+
         try:
-            AutoConfig.from_pretrained(config.model)  # a hub id that cannot be found fails here, not after the run starts
+            model = resolve_model(config.model)  # an alias or a .gguf file: converted once to a local folder
+        except ModelResolutionError as err:
+            raise UsageError(str(err)) from None
+        check_model_source(model, "model")
+        try:
+            AutoConfig.from_pretrained(model)  # a hub id that cannot be found fails here, not after the run starts
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"model {config.model}: cannot load it ({first}); give a local model folder or a hub id") from None
@@ -266,6 +278,7 @@ def _sft_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gym.algorithms.sft import SFTConfig, dataset_examples, length_report, oracle_examples, train_sft
+    from llm_gym.models import resolve_model
     from llm_gym.registry import get_task
     from llm_gym.tiny import tiny_model_path
 
@@ -273,7 +286,8 @@ def _sft_model(
         logger.info("resume: the SFT model is the run's own %s (the warm-up is not repeated)", point.base_model)
         return str(point.base_model), AutoTokenizer.from_pretrained(point.base_model)
     env_ids = multi_turn.tokenizer_env_ids if multi_turn is not None else None
-    source = config.model or str(tiny_model_path(config.tiny_preset, seed=config.seed, env_ids=env_ids))
+    source = (resolve_model(config.model) if config.model
+              else str(tiny_model_path(config.tiny_preset, seed=config.seed, env_ids=env_ids)))
     tokenizer = AutoTokenizer.from_pretrained(source)
     if config.sft_steps == 0:
         return source, tokenizer
@@ -442,6 +456,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.algorithms.rollout.rollout import evaluate
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
     from llm_gym.algorithms.run.report import build_summary
+    from llm_gym.models import lora_target_modules
     from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.reasoning_gym import ReasoningGym
 
@@ -469,7 +484,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                                   test_games=config.test_size, train_size=config.train_size, seed=config.seed,
                                   **config.task_kwargs)  # fmt: skip
     context = {} if multi_turn is None else {"max_model_len": multi_turn.max_model_len}
-    lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
+    lora = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules=lora_target_modules(model_path),
                       task_type="CAUSAL_LM", lora_dropout=0.0)  # fmt: skip
     pop = create_population(
         config.population, model_name=model_path, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,

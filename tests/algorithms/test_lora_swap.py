@@ -50,6 +50,27 @@ def test_fused_lora_gives_peft_outputs_and_gradients(dropout):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # base stays frozen
 
 
+def test_fused_lora_over_a_bf16_base_with_fp32_adapters_matches_peft():
+    # PEFT keeps adapters in fp32 over a bf16 base (the CUDA default): the fused path used to feed
+    # bf16 activations to fp32 adapter weights and fail ("expected m1 and m2 to have the same dtype").
+    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(make_model(init_std=0.3).to(torch.bfloat16), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.train()
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32} and model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    plain_logits, plain_grads, _ = _run(model, fused=False)
+    fused_logits, fused_grads, swapped = _run(model, fused=True)
+    assert swapped == 14 and fused_logits.dtype == plain_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_logits, plain_logits)  # bf16 default tolerances
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-3, rtol=1e-2)
+
+
 def test_fused_lora_restores_the_peft_layers_even_on_error():
     model = _peft(0.0)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
