@@ -74,6 +74,7 @@ class LoRAServer:
         loaded: Every ``lora_name`` ever loaded, in order (restarts included).
         unloaded: Every ``lora_name`` unloaded, in order.
         completions: ``/v1/completions`` requests received (refused ones included).
+        bodies: The JSON body of each ``/v1/completions`` request, in order.
         restarts: Times :meth:`restart` ran.
     """
 
@@ -105,7 +106,9 @@ class LoRAServer:
         self.loaded: list[str] = []
         self.unloaded: list[str] = []
         self.completions = 0
+        self.bodies: list[dict[str, Any]] = []
         self.restarts = 0
+        self._restart_at: tuple[int, float] | None = None
         self._peft: Any = None  # a PeftModel around _base once an adapter is loaded
         self._adapters: dict[str, tuple[str, str]] = {}  # lora_name -> (PEFT adapter key, folder)
         self._keys = 0
@@ -163,6 +166,14 @@ class LoRAServer:
         thread.start()
         return thread
 
+    def restart_after(self, completions: int, down_for: float = 0.0) -> None:
+        """Restart (as :meth:`restart`) right after answering the ``completions``-th completion request.
+
+        A fault to inject mid-run: the next request finds the server down (for ``down_for`` seconds)
+        and then without the adapters it had loaded.
+        """
+        self._restart_at = (int(completions), float(down_for))
+
     def __enter__(self) -> LoRAServer:
         return self.start()
 
@@ -196,6 +207,7 @@ class LoRAServer:
                     route = self.path.rstrip("/")
                     if route == "/v1/completions":
                         self._send(200, server.complete(body))
+                        server._maybe_restart()
                     elif route == "/v1/load_lora_adapter":
                         self._send(200, server.load_adapter(body.get("lora_name"), body.get("lora_path")))
                     elif route == "/v1/unload_lora_adapter":
@@ -210,6 +222,13 @@ class LoRAServer:
         httpd = ThreadingHTTPServer((host, port), Handler)
         httpd.daemon_threads = True
         return httpd
+
+    def _maybe_restart(self) -> None:
+        if self._restart_at is not None and self.completions >= self._restart_at[0]:
+            down_for = self._restart_at[1]
+            self._restart_at = None
+            # from another thread: shutdown() waits for serve_forever, which this handler's thread is not
+            threading.Thread(target=self.restart, args=(down_for,), daemon=True).start()
 
     # ----------------------------------------------------------------- adapters
     def models(self) -> dict[str, Any]:
@@ -229,7 +248,8 @@ class LoRAServer:
             ServerError: On a missing field, a name already loaded, a folder with no adapter, or a
                 rank above ``max_lora_rank``.
         """
-        from peft import LoraConfig, PeftModel
+        import torch
+        from peft import LoraConfig
 
         if not lora_name or not lora_path:
             raise ServerError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
@@ -245,16 +265,22 @@ class LoRAServer:
                 raise ServerError(400, f"LoRA rank {config.r} is greater than max_lora_rank {self.max_lora_rank}.")
             self._keys += 1
             key = f"lora{self._keys}"  # PEFT adapter names become module keys: no dots, whatever lora_name is
-            try:
-                if self._peft is None:
-                    self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=key).eval()
-                else:
-                    self._peft.load_adapter(str(folder), adapter_name=key)
+            try:  # PEFT initialises the LoRA layers before loading: keep the process's RNG (a trainer's) untouched
+                with torch.random.fork_rng(devices=[]):
+                    self._load(folder, key)
             except (OSError, ValueError, KeyError, RuntimeError) as err:
                 raise ServerError(400, f"Loading lora {lora_name} failed: {err}") from err
             self._adapters[lora_name] = (key, str(folder))
             self.loaded.append(lora_name)
         return f"Success: LoRA adapter '{lora_name}' added successfully."
+
+    def _load(self, folder: Path, key: str) -> None:
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=key).eval()
+        else:
+            self._peft.load_adapter(str(folder), adapter_name=key)
 
     def unload_adapter(self, lora_name: Any) -> str:
         """Unload adapter ``lora_name``.
@@ -297,6 +323,7 @@ class LoRAServer:
 
         with self._lock:
             self.completions += 1
+            self.bodies.append(dict(body))
             model = body.get("model") or self.name
             if model != self.name and model not in self._adapters:
                 raise ServerError(404, f"The model `{model}` does not exist.", "NotFoundError")

@@ -459,7 +459,7 @@ def _parse(text: str) -> Any:
 def _load_error(base_url: str, folder: Path, err: _HTTPError) -> str:
     """One line naming the fix for a refused ``/v1/load_lora_adapter``."""
     message = _message(err.body)
-    if err.status == 404 and isinstance(err.body, Mapping) and err.body.get("detail") == "Not Found":
+    if err.status == 404 and "No adapter found" not in message:  # FastAPI's {"detail": "Not Found"}: no such route
         return (f"the vLLM server at {base_url} has no /v1/load_lora_adapter route: start it with runtime LoRA "
                 f"updating on (`{SERVE_HINT}`)")  # fmt: skip
     if err.status == 404:
