@@ -109,6 +109,7 @@ class LoRAServer:
         self.bodies: list[dict[str, Any]] = []
         self.restarts = 0
         self._restart_at: tuple[int, float] | None = None
+        self._refusing = False  # between a scheduled restart's trigger and the server being back
         self._peft: Any = None  # a PeftModel around _base once an adapter is loaded
         self._adapters: dict[str, tuple[str, str]] = {}  # lora_name -> (PEFT adapter key, folder)
         self._keys = 0
@@ -157,6 +158,7 @@ class LoRAServer:
         def back() -> None:
             time.sleep(down_for)
             self._server = self._bind(self._host, port)
+            self._refusing = False
             self.start()
 
         if down_for <= 0:
@@ -196,12 +198,18 @@ class LoRAServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server hook
+                if server._refusing:
+                    self.close_connection = True
+                    return
                 if self.path.rstrip("/") == "/v1/models":
                     self._send(200, server.models())
                 else:
                     self._send(404, {"detail": "Not Found"})  # FastAPI's answer to an unknown route
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook
+                if server._refusing:  # a restart is under way: answer nothing, like a server going down
+                    self.close_connection = True
+                    return
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                     route = self.path.rstrip("/")
@@ -224,7 +232,8 @@ class LoRAServer:
         return httpd
 
     def _maybe_restart(self) -> None:
-        if self._restart_at is not None and self.completions >= self._restart_at[0]:
+        """Start the scheduled restart once its request was answered (see :meth:`restart_after`)."""
+        if self._refusing and self._restart_at is not None:
             down_for = self._restart_at[1]
             self._restart_at = None
             # from another thread: shutdown() waits for serve_forever, which this handler's thread is not
@@ -324,6 +333,8 @@ class LoRAServer:
         with self._lock:
             self.completions += 1
             self.bodies.append(dict(body))
+            if self._restart_at is not None and self.completions >= self._restart_at[0]:
+                self._refusing = True  # this is the last request answered before the restart
             model = body.get("model") or self.name
             if model != self.name and model not in self._adapters:
                 raise ServerError(404, f"The model `{model}` does not exist.", "NotFoundError")

@@ -197,3 +197,64 @@ def test_an_adapter_rank_above_the_servers_max_is_refused_with_the_servers_reaso
         with pytest.raises(RuntimeError, match=r"refused the adapter saved in .* \(LoRA rank 4 is greater than "
                                                r"max_lora_rank 2\.\)"):  # fmt: skip
             agent.get_action(_prompts())
+
+
+# --------------------------------------------------------------------------------- a whole run
+def length_reward(completion, answer, question):
+    """Longer completions (up to 12 characters) score more: rewards vary within groups and between agents."""
+    return min(len(completion), 12) / 12
+
+
+def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monkeypatch, caplog):
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from llm_gym.algorithms import HyperparameterConfig, Mutations, RLParameter, TournamentSelection
+    from llm_gym.algorithms import create_population, finetune_llm_reasoning
+    from llm_gym.reasoning_gym import ReasoningGym
+    from llm_gym.tiny import tiny_model_path
+
+    monkeypatch.chdir(tmp_path)
+    model_path = str(tiny_model_path("tiny"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    env = ReasoningGym.from_task("llm_gym/Countdown-v0", tokenizer, train_size=64, test_size=4,
+                                 data_batch_size_per_gpu=2, seed=0, reward_fn=length_reward)  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    tournament = TournamentSelection(tournament_size=2, elitism=True, population_size=2, rand_seed=0)
+    mutation = Mutations(no_mutation=0.0, rl_hp=1.0, mutation_sd=0.5, rand_seed=0,
+                         hp_config=HyperparameterConfig(lr=RLParameter(1e-4, 1e-1, log_scale=True)))  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    with LoRAServer(model_path, name="tiny") as server:
+        # Requests: agent0 and agent1 each sample (steps 1, 2), then agent0 scores 2 batches of test problems:
+        # a restart after that first batch (request 5) leaves the second one to a server that is down for 0.5 s,
+        # then back without agent0's adapter, which has not changed since (nothing to sync before asking).
+        server.restart_after(5, down_for=0.5)
+        pop = create_population(2, model_name=model_path, pad_token_id=tokenizer.pad_token_id, device="cpu", seed=0,
+                                group_size=2, max_output_tokens=6, lr=1e-2, lora_config=lora, backend="vllm-server",
+                                backend_config={"base_url": server.base_url})  # fmt: skip
+        model, prefix = pop[0].model, pop[0].backend.prefix
+        base0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        lora0 = {n.replace(".agent0.", "."): p.detach().clone() for n, p in model.named_parameters() if ".agent0." in n}
+        pop = finetune_llm_reasoning(pop, env, evo_steps=2, tournament=tournament, mutation=mutation, max_steps=4,
+                                     evaluation_interval=2, eval_problems=4, log_dir="run", verbose=False)  # fmt: skip
+        served_now = {c["id"] for c in server.models()["data"]} - {"tiny"}
+        backend = pop[0].backend
+        last_names = {s.lora_name for s in backend._served.values()}
+        backend.close()
+        served_after_close = {c["id"] for c in server.models()["data"]} - {"tiny"}
+
+    assert server.restarts == 1 and any("does not answer" in r.message for r in caplog.records)
+    assert any("(restarted?): loading" in r.message for r in caplog.records)
+    # every rollout and evaluation went through the server, each with a served adapter, never the base
+    # 2 agents x 4 steps of sampling, 2 agents x 2 evaluations x 2 batches, and the batch refused after the restart
+    assert server.completions == 2 * 4 + 2 * 2 * 2 + 1 and all(b["model"].startswith(prefix) for b in server.bodies)
+    assert all(torch.equal(base0[n], p) for n, p in model.named_parameters() if "lora_" not in n)  # base untouched
+    for agent in pop:
+        assert agent.steps == 4
+        marker = f".{agent.adapter_name}."
+        moved = [n for n, p in model.named_parameters() if marker in n
+                 and not torch.equal(p, lora0[n.replace(marker, ".")])]  # fmt: skip
+        assert moved, f"{agent.adapter_name}: no LoRA parameter changed"
+    # the server held one adapter per member that generated last, under the name it was last synced as;
+    # close() unloads them
+    assert len(served_now) == 2 and served_now == last_names and served_after_close == set()
