@@ -397,7 +397,7 @@ class LoRAServer:
         net = self._peft if self._peft is not None else self._base
         temperature = float(body["temperature"]) if body.get("temperature") is not None else 1.0
         top_k = int(body.get("top_k") or 0)
-        sample = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sample: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if temperature > 0:
             sample = {"do_sample": True, "temperature": temperature, "top_p": float(body.get("top_p") or 1.0),
                       "top_k": top_k if top_k > 0 else 0}  # fmt: skip

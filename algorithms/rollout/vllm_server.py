@@ -180,7 +180,14 @@ class VLLMServerBackend:
         self.eos_token_ids = list(agent.eos_token_ids)
         self.max_model_len = agent.max_model_len
         self._model = agent.model
-        models = self._request("GET", "/models", None, wait=False)
+        try:
+            models = self._request("GET", "/models", None, wait=False)
+        except _HTTPError as err:
+            raise ValueError(f"the server at {self.base_url} answered GET /models with {err}: base_url must be the "
+                             "API root (http://HOST:8000/v1), and api_key the server's --api-key if it has one") from None
+        if not isinstance(models, Mapping):
+            raise ValueError(f"the server at {self.base_url} answered GET /models with {str(models)[:80]!r}, not "
+                             "OpenAI's model list: base_url must be a vLLM server's API root (http://HOST:8000/v1)")
         cards = models.get("data") or [{}]
         self.served_model = str(next((c for c in cards if not c.get("parent")), cards[0]).get("id", ""))
         self.prefix = config.name_prefix or f"llmgym-{secrets.token_hex(3)}"
@@ -418,7 +425,7 @@ class VLLMServerBackend:
                 answer = self._request("POST", "/completions", self._body(lora_name, ids, sampling, seed))
                 break
             except _HTTPError as err:
-                if err.status != 404 or attempt == 2:
+                if err.status != 404 or "does not exist" not in _message(err.body) or attempt == 2:
                     raise RuntimeError(f"the vLLM server at {self.base_url} refused a completion request for "
                                        f"{lora_name} ({err})") from None  # fmt: skip
                 lora_name = self._reload(name, lora_name)  # 404: the server lost the adapter (it restarted)
@@ -459,7 +466,7 @@ def _parse(text: str) -> Any:
 def _load_error(base_url: str, folder: Path, err: _HTTPError) -> str:
     """One line naming the fix for a refused ``/v1/load_lora_adapter``."""
     message = _message(err.body)
-    if err.status == 404 and "No adapter found" not in message:  # FastAPI's {"detail": "Not Found"}: no such route
+    if err.status == 404 and "No adapter found" not in message:  # FastAPI's "Not Found": the route is missing
         return (f"the vLLM server at {base_url} has no /v1/load_lora_adapter route: start it with runtime LoRA "
                 f"updating on (`{SERVE_HINT}`)")  # fmt: skip
     if err.status == 404:
@@ -527,5 +534,9 @@ def build_vllm_server_backend(agent: Any, config: VLLMServerConfig | Mapping[str
     if config is None:
         config = VLLMServerConfig()
     elif isinstance(config, Mapping):
+        fields = {f.name for f in dataclasses.fields(VLLMServerConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"unknown vllm-server setting(s) {unknown}; valid ones are {sorted(fields)}")
         config = VLLMServerConfig(**config)
     return VLLMServerBackend(agent, config)

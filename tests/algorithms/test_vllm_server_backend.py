@@ -171,6 +171,15 @@ def test_missing_base_url_names_the_fix():
         make_agent(backend="vllm-server")
     with pytest.raises(ValueError, match="timeout > 0"):
         VLLMServerConfig(base_url="http://x/v1", timeout=0)
+    with pytest.raises(ValueError, match=r"unknown vllm-server setting\(s\) \['url'\]; valid ones are \['adapter_dir'"):
+        make_agent(backend="vllm-server", backend_config={"url": "http://x/v1"})
+
+
+def test_a_base_url_that_is_not_the_api_root_names_the_fix(server):
+    root = server.base_url.removesuffix("/v1")
+    with pytest.raises(ValueError, match=rf"the server at {root} answered GET /models with HTTP 404: Not Found: "
+                                         r"base_url must be the API root \(http://HOST:8000/v1\)"):  # fmt: skip
+        make_agent(backend="vllm-server", backend_config={"base_url": root})
 
 
 def test_an_unreachable_server_names_the_fix():
@@ -209,8 +218,14 @@ def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monke
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from llm_gym.algorithms import HyperparameterConfig, Mutations, RLParameter, TournamentSelection
-    from llm_gym.algorithms import create_population, finetune_llm_reasoning
+    from llm_gym.algorithms import (
+        HyperparameterConfig,
+        Mutations,
+        RLParameter,
+        TournamentSelection,
+        create_population,
+        finetune_llm_reasoning,
+    )
     from llm_gym.reasoning_gym import ReasoningGym
     from llm_gym.tiny import tiny_model_path
 
