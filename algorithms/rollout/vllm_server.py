@@ -17,7 +17,8 @@ of the base (for the update); the server never sees the base change, only adapte
   folder deleted. Every population member has its own adapter, hence its own served name.
 * **Generation.** One ``POST /v1/completions`` per adapter with every prompt as token ids
   (``prompt: [[ids], ...]``), ``n = G``, the agent's EOS ids as ``stop_token_ids`` (``ignore_eos``),
-  a seed drawn from torch's RNG (so ``torch.manual_seed`` makes runs repeatable), and
+  a seed drawn from torch's RNG (so ``torch.manual_seed`` repeats a run; ``seed_requests=False`` to
+  leave it to the server), and
   ``return_token_ids`` (vLLM >= 0.10.2) plus ``logprobs=1`` with ``return_tokens_as_token_ids``, so the
   completion's token ids come back exactly, never re-tokenised from text (from the ``token_id:N``
   log-prob tokens on servers without ``return_token_ids``). The sampled tokens' log-probs are kept in
@@ -87,6 +88,10 @@ class VLLMServerConfig:
             giving up.
         logprobs: Keep the sampled tokens' log-probs of the last call (:attr:`VLLMServerBackend.last_logprobs`).
         concurrency: Requests in flight at once when a population generates together.
+        seed_requests: Send each request a seed drawn from torch's RNG, so ``torch.manual_seed``
+            repeats a run on an unchanged server. vLLM seeds every prompt of a request with it, so
+            two identical prompts in one batch then get identical completions; set False to leave
+            sampling to the server's own randomness.
     """
 
     base_url: str | None = None
@@ -97,6 +102,7 @@ class VLLMServerConfig:
     restart_wait: float = 120.0
     logprobs: bool = True
     concurrency: int = 8
+    seed_requests: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.restart_wait < 0 or self.concurrency < 1:
@@ -401,11 +407,13 @@ class VLLMServerBackend:
         body: dict[str, Any] = {
             "model": lora_name, "prompt": [i.tolist() for i in ids], "n": sampling.group_size,
             "max_tokens": sampling.max_new_tokens, "stop_token_ids": self.eos_token_ids, "ignore_eos": True,
-            "skip_special_tokens": False, "seed": seed, "return_token_ids": True,
+            "skip_special_tokens": False, "return_token_ids": True,
             # the token ids again, as "token_id:N" log-prob tokens (servers before return_token_ids); with
             # logprobs=1 (0 reads as "no log-probs" on older vLLM) also each sampled token's log-prob
             "logprobs": 1, "return_tokens_as_token_ids": True,
         }  # fmt: skip
+        if self.config.seed_requests:
+            body["seed"] = seed
         if sampling.greedy:
             body["temperature"] = 0.0  # greedy in vLLM
         else:

@@ -89,6 +89,10 @@ def test_greedy_equals_the_hf_backend_and_a_seed_repeats_a_sample(server):
     torch.manual_seed(7)
     second = agent.get_action(_prompts())[0]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert server.bodies[-1]["seed"] == server.bodies[-2]["seed"]
+    unseeded = _agent(server, backend_config={"base_url": server.base_url, "seed_requests": False})
+    unseeded.get_action(_prompts())
+    assert "seed" not in server.bodies[-1]
 
 
 def test_each_sync_loads_a_fresh_name_and_unloads_the_previous_one(server):
