@@ -226,6 +226,9 @@ class LoRAServer:
                     self._send(err.status, err.body())
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up
                     pass
+                except Exception as err:  # noqa: BLE001 - a bug answers 500 (as vLLM does), never a dropped connection
+                    logger.exception("lora server: %s failed", self.path)
+                    self._send(500, ServerError(500, f"{type(err).__name__}: {err}", "InternalServerError").body())
 
         httpd = ThreadingHTTPServer((host, port), Handler)
         httpd.daemon_threads = True
@@ -404,11 +407,13 @@ class LoRAServer:
         prompt = torch.tensor([ids], dtype=torch.long)  # [1, L]
         out = net.generate(
             input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
-            num_return_sequences=n, eos_token_id=stops, pad_token_id=stops[0] if stops[0] >= 0 else 0,
+            num_return_sequences=n if sample["do_sample"] else 1, eos_token_id=stops, pad_token_id=stops[0] if stops[0] >= 0 else 0,
             output_logits=True, return_dict_in_generate=True, **sample,
         )  # fmt: skip
-        generated = out.sequences[:, prompt.shape[1] :]  # [n, C]
+        generated = out.sequences[:, prompt.shape[1] :]  # [n, C] ([1, C] greedy: n equal rows, as vLLM gives)
         logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # [n, C, V], raw logits
+        if not sample["do_sample"]:
+            generated, logp = generated.expand(n, -1), logp.expand(n, -1, -1)
         rows, logps, tops = [], [], []
         for g in range(n):
             row = generated[g].tolist()
