@@ -58,6 +58,7 @@ from torch import Tensor
 
 from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, generation_budget
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+from llm_gym.algorithms.rollout.vllm_engine import check_lora_config
 
 __all__ = ["ServerAdapterBatch", "ServerUnreachable", "VLLMServerBackend", "VLLMServerConfig", "build_vllm_server_backend"]
 
@@ -170,7 +171,8 @@ class VLLMServerBackend:
             tensor shaped like its action mask, the sampled tokens' log-probs where the mask is True.
 
     Raises:
-        ValueError: Without ``config.base_url``.
+        ValueError: Without ``config.base_url``, on a ``LoraConfig`` vLLM cannot serve (DoRA,
+            ``modules_to_save``, ...), or when ``base_url`` is not a vLLM API root.
         ServerUnreachable: If the server does not answer ``GET /v1/models``.
     """
 
@@ -186,6 +188,7 @@ class VLLMServerBackend:
         self.eos_token_ids = list(agent.eos_token_ids)
         self.max_model_len = agent.max_model_len
         self._model = agent.model
+        check_lora_config(agent.model.peft_config[agent.adapter_name])  # what vLLM cannot serve, before any request
         try:
             models = self._request("GET", "/models", None, wait=False)
         except _HTTPError as err:
@@ -199,11 +202,10 @@ class VLLMServerBackend:
         self.prefix = config.name_prefix or f"llmgym-{secrets.token_hex(3)}"
         if config.adapter_dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="llm_gym_vllm_server_"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
-        else:
+        else:  # a folder of this run's own inside the shared one
             self._dir = Path(config.adapter_dir) / self.prefix
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._served: dict[str, _Served] = {}
         self._next = 1
         self._lock = threading.Lock()  # sync and re-loads from concurrent requests

@@ -204,6 +204,15 @@ def test_a_server_without_runtime_lora_updating_names_the_fix():
             agent.get_action(_prompts())
 
 
+def test_a_lora_config_vllm_cannot_serve_is_refused_before_any_request(server):
+    from peft import LoraConfig
+
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"cannot serve this LoraConfig: use_dora=True \(vLLM does not support DoRA\)"):
+        _agent(server, lora_config=dora)
+    assert server.loaded == [] and server.completions == 0
+
+
 def test_an_adapter_rank_above_the_servers_max_is_refused_with_the_servers_reason():
     with LoRAServer(make_model(), name="tiny", max_lora_rank=2) as small:
         agent = make_agent(backend="vllm-server", backend_config={"base_url": small.base_url})
