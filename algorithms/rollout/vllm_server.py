@@ -100,7 +100,7 @@ class VLLMServerConfig:
     adapter_dir: str | None = None
     name_prefix: str | None = None
     timeout: float = 600.0
-    restart_wait: float = 120.0
+    restart_wait: float = 300.0
     logprobs: bool = True
     concurrency: int = 8
     seed_requests: bool = True
