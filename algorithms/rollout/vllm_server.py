@@ -58,9 +58,10 @@ from torch import Tensor
 
 from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, generation_budget
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+from llm_gym.algorithms.rollout.vllm import AdapterBatch  # one batch type for both vLLM backends
 from llm_gym.algorithms.rollout.vllm_engine import check_lora_config
 
-__all__ = ["ServerAdapterBatch", "ServerUnreachable", "VLLMServerBackend", "VLLMServerConfig", "build_vllm_server_backend"]
+__all__ = ["ServerUnreachable", "VLLMServerBackend", "VLLMServerConfig", "build_vllm_server_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,21 +111,6 @@ class VLLMServerConfig:
             raise ValueError(f"VLLMServerConfig needs timeout > 0, restart_wait >= 0 and concurrency >= 1, got "
                              f"timeout={self.timeout}, restart_wait={self.restart_wait}, "
                              f"concurrency={self.concurrency}")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ServerAdapterBatch:
-    """Prompts to complete with one adapter, as one part of :meth:`VLLMServerBackend.generate_batches`.
-
-    Attributes:
-        adapter_name: The adapter (the agent's ``adapter_name``).
-        prompts: The environment's prompts.
-        sampling: Decoding settings of that agent.
-    """
-
-    adapter_name: str
-    prompts: Sequence[dict[str, Any]]
-    sampling: SamplingConfig
 
 
 class _HTTPError(Exception):
@@ -363,9 +349,9 @@ class VLLMServerBackend:
             RuntimeError: If the server refuses the request or answers without token ids.
             ServerUnreachable: If the server does not answer for ``restart_wait`` seconds.
         """
-        return self.generate_batches([ServerAdapterBatch(adapter_name, prompts, sampling)])[0]
+        return self.generate_batches([AdapterBatch(adapter_name, prompts, sampling)])[0]
 
-    def generate_batches(self, batches: Sequence[ServerAdapterBatch]) -> list[GenerationOutput]:
+    def generate_batches(self, batches: Sequence[AdapterBatch]) -> list[GenerationOutput]:
         """Generate for several adapters (a population): one request per adapter, sent concurrently.
 
         Args:
@@ -380,7 +366,7 @@ class VLLMServerBackend:
         """
         self._check_open()
         if not batches:
-            raise ValueError("got no batches: pass one ServerAdapterBatch per adapter")
+            raise ValueError("got no batches: pass one AdapterBatch per adapter")
         jobs = []
         for batch in batches:
             _, _, ids = left_pad(batch.prompts, self.pad_token_id)

@@ -11,7 +11,8 @@ from grpo_tiny import EOS, make_agent, make_model, prompt, single_thread
 
 from llm_gym.algorithms.rollout.backend import SamplingConfig
 from llm_gym.algorithms.rollout.completions import mini_batches, pack_completions
-from llm_gym.algorithms.rollout.vllm_server import ServerAdapterBatch, ServerUnreachable, VLLMServerConfig
+from llm_gym.algorithms.rollout.vllm import AdapterBatch
+from llm_gym.algorithms.rollout.vllm_server import ServerUnreachable, VLLMServerConfig
 from llm_gym.chat_server import ChatServer, Reply
 from llm_gym.lora_server import LoRAServer
 
@@ -119,7 +120,7 @@ def test_a_population_has_one_served_adapter_per_member(server):
     prefix = first.backend.prefix
     assert second.backend is first.backend
     sampling = SamplingConfig(group_size=2, max_new_tokens=6)
-    outs = first.backend.generate_batches([ServerAdapterBatch(a.adapter_name, _prompts(), sampling)
+    outs = first.backend.generate_batches([AdapterBatch(a.adapter_name, _prompts(), sampling)
                                            for a in (first, second)])  # fmt: skip
     # agent1 was served for its rollout (name 1); now agent0 is served first (2), then agent1's update (3)
     assert {b["model"] for b in server.bodies[-2:]} == {f"{prefix}-agent0-2", f"{prefix}-agent1-3"}
