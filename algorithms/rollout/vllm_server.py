@@ -19,7 +19,7 @@ of the base (for the update); the server never sees the base change, only adapte
   (``prompt: [[ids], ...]``), ``n = G``, the agent's EOS ids as ``stop_token_ids`` (``ignore_eos``),
   a seed drawn from torch's RNG (so ``torch.manual_seed`` repeats a run; ``seed_requests=False`` to
   leave it to the server), and
-  ``return_token_ids`` (vLLM >= 0.10.2) plus ``logprobs=1`` with ``return_tokens_as_token_ids``, so the
+  ``return_token_ids`` (recent vLLM releases) plus ``logprobs=1`` with ``return_tokens_as_token_ids``, so the
   completion's token ids come back exactly, never re-tokenised from text (from the ``token_id:N``
   log-prob tokens on servers without ``return_token_ids``). The sampled tokens' log-probs are kept in
   :attr:`VLLMServerBackend.last_logprobs` (vLLM's default ``--logprobs-mode raw_logprobs``:
@@ -488,7 +488,7 @@ def _read_choices(answer: Any, expected: int, base_url: str) -> tuple[list[list[
             tokens = logprobs.get("tokens")
             if tokens is None or not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
                 raise RuntimeError(f"the vLLM server at {base_url} returned completions without token ids: it must be "
-                                   "vLLM >= 0.10.2 (return_token_ids) or accept return_tokens_as_token_ids")  # fmt: skip
+                                   "a vLLM that accepts return_token_ids or return_tokens_as_token_ids (with logprobs)")  # fmt: skip
             ids = [int(t.split(":", 1)[1]) for t in tokens]
         rows.append([int(t) for t in ids])
         values = logprobs.get("token_logprobs")
