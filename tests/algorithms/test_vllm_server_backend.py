@@ -287,3 +287,17 @@ def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monke
     # the server held one adapter per member that generated last, under the name it was last synced as;
     # close() unloads them
     assert len(served_now) == 2 and served_now == last_names and served_after_close == set()
+
+
+def test_token_ids_are_read_from_token_id_log_prob_tokens_when_the_server_has_no_return_token_ids():
+    from llm_gym.algorithms.rollout.vllm_server import _read_choices
+
+    old_server = {"choices": [  # out of order on purpose: choices are put back by index
+        {"index": 1, "logprobs": {"tokens": ["token_id:9"], "token_logprobs": [-0.5]}},
+        {"index": 0, "logprobs": {"tokens": ["token_id:4", "token_id:0"], "token_logprobs": [-1.0, -2.0]}}]}
+    assert _read_choices(old_server, 2, "URL") == ([[4, 0], [9]], [[-1.0, -2.0], [-0.5]])
+    text_only = {"choices": [{"index": 0, "text": "hi", "logprobs": {"tokens": ["hi"], "token_logprobs": [-1.0]}}]}
+    with pytest.raises(RuntimeError, match="the vLLM server at URL returned completions without token ids"):
+        _read_choices(text_only, 1, "URL")
+    with pytest.raises(RuntimeError, match="the vLLM server at URL returned 1 completions, expected 4"):
+        _read_choices(text_only, 4, "URL")
