@@ -18,6 +18,7 @@ The folders are the architecture; dependencies point one way,
       game_eval.py   llm-gym eval of a multi-turn env (its oracle, a model or an elite)
       backend.py     GenerationBackend protocol, SamplingConfig, BACKENDS by name, make_backend
       hf.py, vllm.py the "hf" (training model, CPU default) and "vllm" backends
+      vllm_server.py the "vllm-server" backend (a `vllm serve` over HTTP, LoRA adapters loaded by name)
       decoding.py    the lean decoding loop of the HF backend
       completions.py padding, per-prompt completions, packing into mini-batches
       policies.py    OraclePolicy, ModelPolicy (policies that are not agents)
@@ -58,6 +59,7 @@ __all__ = [
     "SamplingConfig",
     "TournamentSelection",
     "VLLMConfig",
+    "VLLMServerConfig",
     "create_population",
     "evaluate",
     "finetune_llm_reasoning",
@@ -84,6 +86,7 @@ _WHERE = {
     "SamplingConfig": "rollout.backend",
     "HFGenerationBackend": "rollout.hf",
     "VLLMConfig": "rollout.vllm",
+    "VLLMServerConfig": "rollout.vllm_server",
     "Rollout": "rollout.rollout",
     "evaluate": "rollout.rollout",
     "EnvTurn": "rollout.multi_turn",

@@ -75,7 +75,7 @@ class GRPOConfig:
     """Context length (prompt + completion). When a prompt plus ``max_output_tokens`` does not fit,
     the batch's generation budget is cut to fit (warned once); a prompt that fills it alone is an error."""
     backend: str = "hf"
-    """Generation backend, a name of :data:`~llm_gym.algorithms.rollout.backend.BACKENDS` (``"hf"``, ``"vllm"``)."""
+    """Generation backend, a name of :data:`~llm_gym.algorithms.rollout.backend.BACKENDS` (``"hf"``, ``"vllm"``, ``"vllm-server"``)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:

@@ -2,7 +2,8 @@
 
 ``rollout.py`` (Rollout, rollout(), evaluate(): training, fitness and ``llm-gym eval`` share it),
 ``multi_turn.py`` (MultiTurnEnv and the turn loop), ``backend.py`` (protocol, SamplingConfig, BACKENDS),
-``hf.py`` + ``decoding.py`` (the HF backend), ``vllm.py``, ``completions.py`` (tensor formats),
+``hf.py`` + ``decoding.py`` (the HF backend), ``vllm.py`` (colocated vLLM), ``vllm_server.py`` (a
+``vllm serve`` over HTTP; its stand-in for tests is :mod:`llm_gym.lora_server`), ``completions.py`` (tensor formats),
 ``policies.py`` (oracle and plain-model policies).
 
 Add a generation backend: a module with ``build(agent, config) -> GenerationBackend`` and one

@@ -4,8 +4,9 @@ A backend takes the environment's prompts (``{"input_ids": [1, L_i], "attention_
 "text": str | None}``) and returns, per prompt, ``G`` completions in the format of
 :mod:`~llm_gym.algorithms.rollout.completions` (ids ``[G, L_i + C_i]``, action masks
 ``[G, L_i + C_i - 1]``). Backends are named in :data:`BACKENDS` and built by :func:`make_backend`:
-``"hf"`` (:mod:`~llm_gym.algorithms.rollout.hf`, the training model itself, the CPU default) and
-``"vllm"`` (:mod:`~llm_gym.algorithms.rollout.vllm`, imported only when asked for).
+``"hf"`` (:mod:`~llm_gym.algorithms.rollout.hf`, the training model itself, the CPU default),
+``"vllm"`` (:mod:`~llm_gym.algorithms.rollout.vllm`, a colocated engine, imported only when asked for) and
+``"vllm-server"`` (:mod:`~llm_gym.algorithms.rollout.vllm_server`, a separate ``vllm serve`` over HTTP).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ BACKENDS: Mapping[str, BackendSpec] = MappingProxyType({
     "hf": BackendSpec("llm_gym.algorithms.rollout.hf:build_hf_backend"),
     "vllm": BackendSpec("llm_gym.algorithms.rollout.vllm:build_vllm_backend",
                         preflight="llm_gym.algorithms.rollout.vllm:import_vllm"),
+    "vllm-server": BackendSpec("llm_gym.algorithms.rollout.vllm_server:build_vllm_server_backend"),
 })  # fmt: skip
 """The generation backends by name (``GRPOConfig.backend``). A new backend is one entry here."""
 

@@ -425,7 +425,7 @@ def test_keywords_build_the_frozen_config_and_unknown_ones_are_refused():
         GRPOConfig(lr=0.0)
     with pytest.raises(ValueError, match=r"max_model_len=1 must be >= 2"):
         GRPOConfig(max_model_len=1)
-    with pytest.raises(ValueError, match=r"unknown backend 'sglang'; valid backends are \['hf', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'sglang'; valid backends are \['hf', 'vllm', 'vllm-server'\]"):
         make_agent(backend="sglang")
 
 
@@ -463,11 +463,11 @@ def test_backends_by_name():
     from llm_gym.algorithms.rollout.backend import BACKENDS, check_backend, make_backend
     from llm_gym.algorithms.rollout.hf import HFGenerationBackend
 
-    assert sorted(BACKENDS) == ["hf", "vllm"]
+    assert sorted(BACKENDS) == ["hf", "vllm", "vllm-server"]
     agent = make_agent()
     backend = make_backend("hf", agent, {"use_generate": True})
     assert isinstance(backend, HFGenerationBackend) and backend.use_generate and backend.model is agent.model
-    with pytest.raises(ValueError, match=r"unknown backend 'tgi'; valid backends are \['hf', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tgi'; valid backends are \['hf', 'vllm', 'vllm-server'\]"):
         check_backend("tgi")
 
 
