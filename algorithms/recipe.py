@@ -450,12 +450,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
 
-    from llm_gym.algorithms.evolution.mutation import Mutations
-    from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
-    from llm_gym.algorithms.rollout.rollout import evaluate
-    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
-    from llm_gym.algorithms.run.report import build_summary
+    from llm_gym.algorithms.run.loop import close_agents
     from llm_gym.models import lora_target_modules
     from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.reasoning_gym import ReasoningGym
@@ -492,6 +488,25 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         max_output_tokens=config.max_output_tokens, lr=config.lr, beta=config.beta, temperature=config.temperature,
         dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed, **context,
     )  # fmt: skip
+    try:
+        summary = _evolve_and_report(config, pop, env, multi_turn, point, run_dir, start)
+    finally:
+        close_agents(pop)  # every later agent is a clone sharing this backend: a vLLM engine is shut down either way
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _evolve_and_report(
+    config: TrainConfig, pop: list[Any], env: Any, multi_turn: Any, point: ResumePoint | None, run_dir: Path,
+    start: float,
+) -> dict[str, Any]:
+    """The SFT start's evaluation, population GRPO with evolution, then the summary (``start``: the run's clock)."""
+    from llm_gym.algorithms.evolution.mutation import Mutations
+    from llm_gym.algorithms.evolution.selection import TournamentSelection
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+    from llm_gym.algorithms.run.report import build_summary
+
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
     # Fitness: exact accuracy on the validation split; a game env has none yet, so its held-out games' reward.
     fitness_split, fitness = ("validation", "accuracy") if multi_turn is None else ("test", "reward")
@@ -512,16 +527,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=1.0 if multi_turn is None else env.rubric.max_total, fitness=fitness,
         fitness_split=fitness_split, eval_problems=config.validation_size if multi_turn is None else None,
-        initial_eval=sft_validation,
+        initial_eval=sft_validation, close_backends=False,  # the elite is evaluated below; run_training closes
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:
         best.test(env, split=fitness_split, fitness=fitness)
     elite_validation = dict(best.last_eval)
-    summary = build_summary(
+    return build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,
         elite_validation=elite_validation, elite_hyperparameters=dataclasses.asdict(best.hps),
         sft_data=_sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
     )  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
