@@ -8,24 +8,21 @@ from a YAML file or the command line.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm_gym.algorithms.run.checks import check_run
 from llm_gym.algorithms.run.resume import CONFIG_FILE, ResumePoint, find_resume_point, merge_resumed_config
-from llm_gym.usage import UsageError, check_field_types, check_model_source
+from llm_gym.algorithms.run.warmup import sft_data_line, sft_model
+from llm_gym.usage import UsageError, check_field_types
 
 __all__ = ["DEMO_TASK_KWARGS", "TrainConfig", "load_config", "mutation_genes", "run_training"]
 
 logger = logging.getLogger(__name__)
-
-_SFT_WARMUP_STEPS = 20
 
 DEMO_TASK_KWARGS: dict[str, dict[str, Any]] = {
     "llm_gym/Countdown-v0": {"min_numbers": 3, "max_numbers": 3, "max_number": 9, "max_target": 30},
@@ -198,205 +195,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _check_run(config: TrainConfig) -> ResumePoint | None:
-    """Validate what the config names (task, knobs, model, resume point) before any work or write.
-
-    Returns:
-        The resume point when ``config.resume`` is set.
-
-    Raises:
-        UsageError: naming the bad value and the fix.
-    """
-    import gymnasium as gym
-
-    from llm_gym.multi_turn import multi_turn_recipe
-    from llm_gym.registry import get_task
-
-    try:
-        game = multi_turn_recipe(config.task) is not None
-    except gym.error.Error:  # not registered: get_task below names the fix
-        game = False
-    if game:  # a game: its env checks its own knobs when it is built
-        return _check_resume(config)
-    try:
-        task = get_task(config.task)
-    except gym.error.Error as err:
-        raise UsageError(f"task {config.task!r}: {err}") from None
-    try:
-        task.make_config(**config.task_kwargs)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"task_kwargs: {err}") from None
-    if task.solve is None and config.sft_steps > 0 and config.sft_dataset is None:
-        raise UsageError(f"{config.task} has no oracle solver to write the SFT warm-up's examples: set sft_steps: 0")
-    if config.model is not None:
-        from transformers import AutoConfig
-
-        from llm_gym.models import ModelResolutionError, resolve_model
-
-        try:
-            model = resolve_model(config.model)  # an alias or a .gguf file: converted once to a local folder
-        except ModelResolutionError as err:
-            raise UsageError(str(err)) from None
-        check_model_source(model, "model")
-        try:
-            AutoConfig.from_pretrained(model)  # a hub id that cannot be found fails here, not after the run starts
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"model {config.model}: cannot load it ({first}); give a local model folder or a hub id") from None
-    return _check_resume(config)
-
-
-def _check_resume(config: TrainConfig) -> ResumePoint | None:
-    """The resume point of ``config.resume`` (None without one), checked against the config."""
-    if not config.resume:
-        return None
-    point = find_resume_point(config.resume)
-    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "output_dir", "max_steps",
-                                                                              "threads")}  # fmt: skip
-    try:
-        merge_resumed_config(point, mine, mine)
-    except UsageError as err:  # a TrainConfig built by hand: its defaults count as given
-        raise UsageError(f"{err} (load_config(resume=...) restores the run's own settings)") from None
-    if point.agents != config.population:
-        raise UsageError(f"the checkpoint {point.checkpoint} holds {point.agents} agents but population="
-                         f"{config.population}: resume with load_config(resume=...) to restore the run's settings")  # fmt: skip
-    if point.step > config.max_steps:
-        raise UsageError(f"max_steps={config.max_steps} is below the checkpoint's step {point.step}: "
-                         f"give max_steps >= {point.step}")  # fmt: skip
-    if config.sft_steps > 0 and (not point.base_model or not Path(point.base_model).is_dir()):
-        raise UsageError(f"the run's SFT model {point.base_model} is gone, and a resume never repeats the warm-up: "
-                         "restore that folder or start a new run")  # fmt: skip
-    return point
-
-
-def _sft_model(
-    config: TrainConfig, run_dir: Path, point: ResumePoint | None = None, multi_turn: Any = None
-) -> tuple[str, Any]:
-    """The warm-started model folder and its tokenizer (a resume reuses the model its checkpoint sits on;
-    ``multi_turn``: the env's MultiTurnRecipe, or None)."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llm_gym.algorithms.sft import SFTConfig, dataset_examples, length_report, oracle_examples, train_sft
-    from llm_gym.models import resolve_model
-    from llm_gym.registry import get_task
-    from llm_gym.tiny import tiny_model_path
-
-    if point is not None and config.sft_steps > 0:
-        logger.info("resume: the SFT model is the run's own %s (the warm-up is not repeated)", point.base_model)
-        return str(point.base_model), AutoTokenizer.from_pretrained(point.base_model)
-    env_ids = multi_turn.tokenizer_env_ids if multi_turn is not None else None
-    source = (resolve_model(config.model) if config.model
-              else str(tiny_model_path(config.tiny_preset, seed=config.seed, env_ids=env_ids)))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if config.sft_steps == 0:
-        return source, tokenizer
-    cache = _sft_cache_dir(config, source) if config.sft_cache and config.model is None else None
-    if cache is not None and (cache / "config.json").is_file():
-        logger.info("SFT warm-up reused from cache %s (identical model, task, knobs and SFT settings; "
-                    "set sft_cache=False to train it again)", cache)  # fmt: skip
-        return str(cache), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(source)
-    seq_len = 512 if multi_turn is None else multi_turn.sft_seq_len
-    if multi_turn is not None:  # a game: the teacher's filtered games (sft_examples games played)
-        examples = multi_turn.sft_examples(config.sft_examples, seed=config.seed + 1, **config.task_kwargs)
-    elif config.sft_dataset is not None:
-        from llm_gym.rollout_dataset import load_rollouts
-
-        examples = dataset_examples(load_rollouts(config.sft_dataset), tokenizer)
-    else:
-        solver = None
-        if config.sft_teacher:
-            from llm_gym.tasks.countdown_teacher import WeakTeacher
-
-            solver = WeakTeacher(config.sft_teacher, seed=config.seed + 2)
-            logger.info("SFT data from a %s (not the exact oracle)", solver.describe())
-        examples = oracle_examples(get_task(config.task), tokenizer, size=config.sft_examples, seed=config.seed + 1, solver=solver,
-                                   **config.task_kwargs)  # fmt: skip
-        if solver is not None:
-            logger.info("teacher habits written: %s of %d examples", solver.applied, solver.calls)
-    report = length_report(examples, tokenizer, seq_len=seq_len)
-    logger.info("SFT data: %d examples, longest %d tokens, %.2f %% fit in %d", len(examples), report.max_length,
-                100 * report.fit_fraction, seq_len)  # fmt: skip
-    sft = SFTConfig(max_steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
-                    warmup_steps=_SFT_WARMUP_STEPS, seed=config.seed, progress=True, seq_len=seq_len)  # fmt: skip
-    with logging_redirect_tqdm():  # log lines go through the progress bar, not onto it
-        result = train_sft(model, tokenizer, examples, sft, callback=_band_stop(config, model, tokenizer))
-    logger.info("SFT: %d steps in %.1fs, final loss %.3f%s", result.steps, result.seconds, result.losses[-1],
-                " (stopped in the band)" if result.stopped_early else "")  # fmt: skip
-    out = (run_dir / "sft_model").resolve()  # absolute: adapters record it as their base model
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if cache is not None:
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-        shutil.copytree(out, tmp)
-        try:
-            tmp.rename(cache)
-        except OSError:  # another run cached it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out), tokenizer
-
-
-def _sft_data_line(config: TrainConfig) -> str:
-    """What wrote the warm-up data, in one line (the main job prints it under its table)."""
-    if config.sft_steps == 0:
-        return "no SFT warm-up"
-    if config.sft_dataset is not None:
-        return f"SFT warm-up on the saved rollouts in {config.sft_dataset}"
-    if not config.sft_teacher:
-        return f"SFT warm-up on {config.sft_examples} exact oracle solutions"
-    from llm_gym.tasks.countdown_teacher import WeakTeacher
-
-    return (f"SFT warm-up on {config.sft_examples} solutions of a {WeakTeacher(config.sft_teacher).describe()} "
-            "(see llm_gym.tasks.countdown_teacher); GRPO learns from the verifier only")
-
-
-def _band_stop(config: TrainConfig, model: Any, tokenizer: Any) -> Any:
-    """The :class:`BandStop` of ``config.sft_stop_band`` (greedy exact accuracy on validation problems), or None."""
-    if config.sft_stop_band is None:
-        return None
-    from llm_gym.algorithms.rollout.policies import ModelPolicy
-    from llm_gym.algorithms.rollout.rollout import evaluate
-    from llm_gym.algorithms.sft import BandStop
-    from llm_gym.reasoning_gym import ReasoningGym
-
-    check = ReasoningGym.from_task(config.task, tokenizer, train_size=1, test_size=1,
-                                   validation_size=config.sft_check_problems, seed=config.seed,
-                                   data_batch_size_per_gpu=min(50, config.sft_check_problems),
-                                   **config.task_kwargs)  # fmt: skip
-
-    def score() -> float:
-        policy = ModelPolicy(model, tokenizer.pad_token_id, config.max_output_tokens)
-        try:
-            return float(evaluate(policy, check, split="validation")["accuracy"])
-        finally:
-            model.train()
-
-    low, high = config.sft_stop_band
-    return BandStop(score, low, high, config.sft_check_every)
-
-
-def _sft_cache_dir(config: TrainConfig, source: str) -> Path:
-    """Cache folder of the SFT model, keyed on every input that changes it.
-
-    The embedded model's folder name carries a hash of its preset, so ``source`` identifies the
-    starting weights.
-    """
-    key = json.dumps([source, config.task, sorted(config.task_kwargs.items()), config.sft_steps, config.sft_examples,
-                      config.sft_lr, config.sft_batch_size, config.seed, _SFT_WARMUP_STEPS, "v1",
-                      sorted(config.sft_teacher.items()), config.sft_stop_band, config.sft_check_every,
-                      config.sft_check_problems]
-                     + ([_dataset_fingerprint(config.sft_dataset)] if config.sft_dataset else []))  # fmt: skip
-    root = Path(os.environ["LLM_GYM_CACHE"]) if os.environ.get("LLM_GYM_CACHE") else Path.home() / ".cache" / "llm_gym"
-    return root / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _dataset_fingerprint(folder: str) -> str:
-    """The saved dataset's content hash (its ``state.json`` fingerprint), so a changed dataset is not a cache hit."""
-    state = Path(folder) / "state.json"
-    return state.read_text() if state.is_file() else str(Path(folder).resolve())
-
-
 def _finished_summary(run_dir: Path, point: ResumePoint | None, config: TrainConfig) -> dict[str, Any] | None:
     """The summary of a resumed run with nothing left to do (``max_reward`` reached, or its checkpoint at ``max_steps``).
 
@@ -450,18 +248,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
 
-    from llm_gym.algorithms.evolution.mutation import Mutations
-    from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
-    from llm_gym.algorithms.rollout.rollout import evaluate
-    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
-    from llm_gym.algorithms.run.report import build_summary
+    from llm_gym.algorithms.run.loop import close_agents
     from llm_gym.models import lora_target_modules
     from llm_gym.multi_turn import multi_turn_recipe
     from llm_gym.reasoning_gym import ReasoningGym
 
     start = time.perf_counter()
-    point = _check_run(config)  # before any work or write: a bad input leaves nothing behind
+    point = check_run(config)  # before any work or write: a bad input leaves nothing behind
     run_dir = point.run_dir if point is not None else Path(config.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     finished = _finished_summary(run_dir, point, config)
     if finished is not None:
@@ -474,7 +268,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
 
     multi_turn = multi_turn_recipe(config.task)  # None for single-turn tasks
-    model_path, tokenizer = _sft_model(config, run_dir, point, multi_turn)
+    model_path, tokenizer = sft_model(config, run_dir, point, multi_turn)
     if multi_turn is None:
         env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                      validation_size=config.validation_size, seed=config.seed,
@@ -492,6 +286,25 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         max_output_tokens=config.max_output_tokens, lr=config.lr, beta=config.beta, temperature=config.temperature,
         dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed, **context,
     )  # fmt: skip
+    try:
+        summary = _evolve_and_report(config, pop, env, multi_turn, point, run_dir, start)
+    finally:
+        close_agents(pop)  # every later agent is a clone sharing this backend: a vLLM engine is shut down either way
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _evolve_and_report(
+    config: TrainConfig, pop: list[Any], env: Any, multi_turn: Any, point: ResumePoint | None, run_dir: Path,
+    start: float,
+) -> dict[str, Any]:
+    """The SFT start's evaluation, population GRPO with evolution, then the summary (``start``: the run's clock)."""
+    from llm_gym.algorithms.evolution.mutation import Mutations
+    from llm_gym.algorithms.evolution.selection import TournamentSelection
+    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+    from llm_gym.algorithms.run.report import build_summary
+
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
     # Fitness: exact accuracy on the validation split; a game env has none yet, so its held-out games' reward.
     fitness_split, fitness = ("validation", "accuracy") if multi_turn is None else ("test", "reward")
@@ -512,16 +325,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=1.0 if multi_turn is None else env.rubric.max_total, fitness=fitness,
         fitness_split=fitness_split, eval_problems=config.validation_size if multi_turn is None else None,
-        initial_eval=sft_validation,
+        initial_eval=sft_validation, close_backends=False,  # the elite is evaluated below; run_training closes
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:
         best.test(env, split=fitness_split, fitness=fitness)
     elite_validation = dict(best.last_eval)
-    summary = build_summary(
+    return build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,
         elite_validation=elite_validation, elite_hyperparameters=dataclasses.asdict(best.hps),
-        sft_data=_sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
+        sft_data=sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
     )  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

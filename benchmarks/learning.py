@@ -281,14 +281,22 @@ def seeds_markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point: every :class:`LearningConfig` field is a ``--flag``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    defaults = LearningConfig()
-    for f in dataclasses.fields(LearningConfig):
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One ``--flag`` per field of the dataclass ``config_class``, defaulting to the field's default.
+
+    A dict field takes JSON (``--task-kwargs '{"max_number": 9}'``); any other field its default's type.
+    """
+    defaults = config_class()
+    for f in dataclasses.fields(config_class):
         value = getattr(defaults, f.name)
         kind = json.loads if isinstance(value, dict) else type(value)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point: every :class:`LearningConfig` field is a ``--flag``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_flags(parser, LearningConfig)
     parser.add_argument("--tag", default="", help="results go to learning_<tag>.json/.md")
     parser.add_argument("--no-cache", action="store_true", help="train the SFT model afresh")
     parser.add_argument("--seeds", type=int, default=1, help="seeds --seed .. --seed + N - 1 (SFT included)")

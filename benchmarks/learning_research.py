@@ -33,44 +33,37 @@ from typing import Any
 
 import torch
 
-from benchmarks.learning import LearningConfig, build_agent_and_env, evaluate, sft_cache_key
+from benchmarks.learning import LearningConfig, add_config_flags, build_agent_and_env, evaluate, sft_cache_key
 
 logger = logging.getLogger("benchmarks.learning_research")
 
 RESULTS = Path(__file__).parent / "results" / "research"
+COUNTDOWN = "llm_gym/Countdown-v0"
 
 
 @dataclass(frozen=True)
-class ResearchConfig:
-    """One research run (the GRPO fields mean what they mean in :class:`LearningConfig`)."""
+class ResearchConfig(LearningConfig):
+    """One research run: a :class:`LearningConfig` (its fields mean what they mean there; ``beta`` and
+    ``grpo_seconds`` default differently here) plus the teacher, the evaluation interval and the control.
 
-    task_kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"min_numbers": 3, "max_numbers": 3, "max_number": 9, "max_target": 30}
-    )
+    The task stays Countdown (the teacher writes Countdown solutions); GRPO runs until ``grpo_seconds``
+    of training time or ``grpo_steps`` steps, whichever comes first, on ``threads`` torch threads.
+    """
+
+    beta: float = 0.0
+    grpo_seconds: float = 150.0
     teacher: dict[str, float] = field(default_factory=dict)
     """Habit probabilities of the SFT teacher (``{}``: the exact oracle)."""
-    tiny_preset: str = "tiny"
-    sft_steps: int = 800
-    sft_examples: int = 4000
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 32
-    test_size: int = 200
-    train_size: int = 4000
-    prompts_per_step: int = 4
-    group_size: int = 16
-    max_output_tokens: int = 40
-    lr: float = 3e-4
-    beta: float = 0.0
-    temperature: float = 0.7
-    loss_type: str = "grpo"
-    lora_r: int = 16
-    grpo_seconds: float = 150.0
     eval_every_s: float = 50.0
     control_sft_steps: int = 0
     """> 0: the SFT-only control instead of GRPO -- this many more SFT steps on the same teacher's
     data (fresh cosine from ``control_sft_lr``), i.e. what SFT alone reaches with the extra compute."""
     control_sft_lr: float = 1e-3
-    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task != COUNTDOWN:
+            raise ValueError(f"ResearchConfig.task={self.task!r}: the research driver's teacher writes {COUNTDOWN} "
+                             "solutions only; use benchmarks.learning for other tasks")  # fmt: skip
 
 
 def cache_root() -> Path:
@@ -86,7 +79,7 @@ def teacher_examples(config: ResearchConfig, tokenizer: Any) -> tuple[list[Any],
     from llm_gym.tasks.countdown_teacher import WeakTeacher
 
     teacher = WeakTeacher(config.teacher, seed=config.seed + 2)
-    examples = oracle_examples(get_task("llm_gym/Countdown-v0"), tokenizer, size=config.sft_examples,
+    examples = oracle_examples(get_task(COUNTDOWN), tokenizer, size=config.sft_examples,
                                seed=config.seed + 1, solver=teacher, **config.task_kwargs)
     return examples, teacher
 
@@ -109,9 +102,7 @@ def control_sft(config: ResearchConfig, model_path: str) -> dict[str, Any]:
     out = tempfile.mkdtemp(prefix="llm_gym_ctl_")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    learning = LearningConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LearningConfig)
-                                 if hasattr(config, f.name)})
-    agent, env = build_agent_and_env(learning, out)
+    agent, env = build_agent_and_env(config, out)
     return {"steps": result.steps, "s": round(result.seconds, 1), **_acc(evaluate(agent, env), config.test_size)}
 
 
@@ -127,7 +118,7 @@ def research_sft_model(config: ResearchConfig) -> tuple[str, dict[str, Any]]:
 
     source = str(tiny_model_path(config.tiny_preset, seed=config.seed))
     teacher_key = json.dumps(sorted(config.teacher.items()))
-    key = sft_cache_key(f"{source}|teacher={teacher_key}", "llm_gym/Countdown-v0", config.task_kwargs,
+    key = sft_cache_key(f"{source}|teacher={teacher_key}", COUNTDOWN, config.task_kwargs,
                         config.sft_steps, config.sft_examples, config.sft_lr, config.sft_batch_size, config.seed)
     out = cache_root() / f"sft-research-{key}"
     info_file = out / "sft_info.json"
@@ -139,7 +130,7 @@ def research_sft_model(config: ResearchConfig) -> tuple[str, dict[str, Any]]:
     # the teacher's own exact accuracy on its data (the verifier, not the teacher, says so)
     from llm_gym.env import build_problems
 
-    problems = build_problems(get_task("llm_gym/Countdown-v0"), split="train", size=config.sft_examples,
+    problems = build_problems(get_task(COUNTDOWN), split="train", size=config.sft_examples,
                               seed=config.seed + 1, **config.task_kwargs)
     probe = WeakTeacher(config.teacher, seed=config.seed + 2)
     scored = [equation_reward(c, **p) for p in problems if (c := probe(p)) is not None]
@@ -166,12 +157,10 @@ def _acc(metrics: dict[str, float], n: int) -> dict[str, float]:
 
 def run(config: ResearchConfig) -> dict[str, Any]:
     """SFT -> greedy eval -> GRPO with evals every ``eval_every_s`` -> the record."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(config.threads)
     wall = time.perf_counter()
     model_path, sft_info = research_sft_model(config)
-    learning = LearningConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LearningConfig)
-                                 if hasattr(config, f.name)})
-    agent, env = build_agent_and_env(learning, model_path)
+    agent, env = build_agent_and_env(config, model_path)
     sft_eval = _acc(evaluate(agent, env), config.test_size)
     logger.info("SFT start: %s (%s)", sft_eval, sft_info)
     curve: list[dict[str, Any]] = []
@@ -182,7 +171,7 @@ def run(config: ResearchConfig) -> dict[str, Any]:
     steps, tokens, trained, rewards = 0, 0, 0.0, []
     prompts = env.reset(reset_dataloaders=True)
     next_eval = config.eval_every_s
-    while trained < config.grpo_seconds:
+    while trained < config.grpo_seconds and steps < config.grpo_steps:
         start = time.perf_counter()
         completion_ids, action_masks = agent.get_action(prompts)
         prompts, reward = env.step(completion_ids)
@@ -213,11 +202,7 @@ def run(config: ResearchConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: every :class:`ResearchConfig` field is a flag; ``--tag`` and ``--file`` label the record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    defaults = ResearchConfig()
-    for f in dataclasses.fields(ResearchConfig):
-        value = getattr(defaults, f.name)
-        kind = json.loads if isinstance(value, dict) else type(value)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
+    add_config_flags(parser, ResearchConfig)
     parser.add_argument("--tag", required=True)
     parser.add_argument("--file", default="runs")
     parser.add_argument("--record-demo", default="", help="a finished llm-gym train run folder to record")

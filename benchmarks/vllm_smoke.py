@@ -142,6 +142,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results["second_update"] = {"pass": second != first and not (ids_first & ids_second) and len(ids_second) == 1,
                                 "lora_ids": sorted(ids_second), "old_ids_gone": not (ids_first & ids_second)}
 
+    backend.wake_up()  # until the first sleep() the backend sleeps after every call: measure it awake
     awake = _free_gib()
     backend.sleep()
     asleep = _free_gib()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import llm_gym
+from llm_gym.console import emit, fail
 from llm_gym.data_command import add_data_parser
 from llm_gym.eval_command import add_endpoint_args
 from llm_gym.models import SMOLLM2_ALIAS, ModelResolutionError, resolve_model
@@ -68,12 +69,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         try:
             rows = dataset_names()
         except ModuleNotFoundError as err:
-            print(f"llm-gym list: {err}", file=sys.stderr)
-            return 2
-        print(format_table(rows, ["reasoning-gym dataset (llm_gym/RG-v0, name=...)", "description"]))
+            return fail("list", str(err))
+        emit(format_table(rows, ["reasoning-gym dataset (llm_gym/RG-v0, name=...)", "description"]))
         return 0
     rows = [(env_id, env_description(env_id)) for env_id in list_envs()]
-    print(format_table(rows, ["id", "description"]))
+    emit(format_table(rows, ["id", "description"]))
     return 0
 
 
@@ -93,8 +93,8 @@ def _eval_multi_turn(env_id: str, args: argparse.Namespace, knobs: dict[str, Any
                                     max_new_tokens=args.max_new_tokens or 128, **knobs)  # fmt: skip
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
-    print(f"{env_id}, policy {args.model or 'oracle'}, {args.num_problems} held-out games per opponent:")
-    print(table)
+    emit(f"{env_id}, policy {args.model or 'oracle'}, {args.num_problems} held-out games per opponent:")
+    emit(table)
     return 0
 
 
@@ -129,17 +129,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from llm_gym.algorithms.run.report import results_table
 
     n = int(summary["elite"].get("problems", 0))
-    print(f"\nHeld-out results on {n} {config.task} problems (greedy):")
-    print("(the test split: problems neither training nor selection, on the validation split, ever saw)")
-    print(results_table(summary))
+    emit(f"\nHeld-out results on {n} {config.task} problems (greedy):")
+    emit("(the test split: problems neither training nor selection, on the validation split, ever saw)")
+    emit(results_table(summary))
     if summary.get("sft_data"):
-        print(summary["sft_data"])
+        emit(summary["sft_data"])
     for name in ("SFT start", "elite (GRPO)"):  # a game's held-out metrics (multi-turn envs report them)
         games = {k: v for k, v in summary["sft" if name == "SFT start" else "elite"].items() if k.startswith("game/")
                  or k in ("optimal/not_lost", "random/win")}  # fmt: skip
         if games:
-            print(f"{name}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(games.items())))
-    print(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
+            emit(f"{name}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(games.items())))
+    emit(f"\nrun folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
     return 0
 
 
@@ -222,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         if args.debug or os.environ.get("LLM_GYM_DEBUG", "") not in ("", "0"):
             raise
-        print(f"llm-gym {args.command}: {err}", file=sys.stderr)
-        return 2
+        return fail(args.command, str(err))
 
 
 if __name__ == "__main__":

@@ -12,16 +12,16 @@ lengths are of whole conversations with the model's chat template applied, as SF
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from llm_gym.console import emit, fail
 
 __all__ = ["add_data_parser"]
 
 
 def _fail(message: str) -> int:
-    print(f"llm-gym data: {message}", file=sys.stderr)
-    return 2
+    return fail("data", message)
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     except TypeError as err:  # e.g. a string column compared with a number
         return _fail(f"--where {args.where!r} cannot compare these columns ({err}); compare like with like")
     data.select(kept).save_to_disk(str(out))
-    print(f"kept {len(kept)} of {len(data)} rows ({100 * len(kept) / max(len(data), 1):.1f}%) -> {out}")
+    emit(f"kept {len(kept)} of {len(data)} rows ({100 * len(kept) / max(len(data), 1):.1f}%) -> {out}")
     return 0
 
 
@@ -68,8 +68,8 @@ def _cmd_lengths(args: argparse.Namespace) -> int:
         report = length_report([dataset_examples([row], tokenizer)[-1] for row in data], tokenizer, args.seq_len)
     except ValueError as err:
         return _fail(str(err))
-    print(f"{report.count} conversations: longest {report.max_length} tokens, mean {report.mean_length:.1f}; "
-          f"{report.fit} ({100 * report.fit_fraction:.2f}%) fit within {report.seq_len} tokens")  # fmt: skip
+    emit(f"{report.count} conversations: longest {report.max_length} tokens, mean {report.mean_length:.1f}; "
+         f"{report.fit} ({100 * report.fit_fraction:.2f}%) fit within {report.seq_len} tokens")  # fmt: skip
     return 0
 
 

@@ -18,11 +18,11 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from llm_gym.console import emit, fail
 from llm_gym.eval_report import EvalReport, summarize
 from llm_gym.registry import get_task, list_envs, list_task_envs
 from llm_gym.rollout_record import RolloutRecord, failed_record, scored_record
@@ -412,13 +412,12 @@ def run_eval(args: argparse.Namespace, task_kwargs: dict[str, Any]) -> int:
                 saved = True
     except (EndpointFatal, StoreError) as err:  # bad input found on the way: the main entry prints it
         raise UsageError(str(err)) from None
-    print(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
+    emit(format_table(rows, ["env", "policy", "split", "reward part", "mean"]))
     if out:
-        print(f"rollouts: {Path(out) / 'rollouts.jsonl'}")
+        emit(f"rollouts: {Path(out) / 'rollouts.jsonl'}")
     if args.save_dataset and not saved:  # not bad input: the endpoint answered nothing
-        print(f"llm-gym eval: every request failed, so there is no dataset to save in {args.save_dataset}; "
-              f"see the errors in {Path(out or '.') / 'rollouts.jsonl'} and rerun with --resume", file=sys.stderr)
-        return 1
+        return fail("eval", f"every request failed, so there is no dataset to save in {args.save_dataset}; "
+                    f"see the errors in {Path(out or '.') / 'rollouts.jsonl'} and rerun with --resume", status=1)
     if args.save_dataset:
-        print(f"dataset: {args.save_dataset}")
+        emit(f"dataset: {args.save_dataset}")
     return 0

@@ -372,7 +372,8 @@ class MultiTurnGym:
 class MultiTurnRecipe:
     """How the main job (``llm-gym train``) trains and evaluates a multi-turn env.
 
-    A multi-turn env class offers one through a ``multi_turn_recipe()`` classmethod; the recipe
+    A multi-turn env offers one as ``RECIPE`` in the module of its entry point or in that module's
+    package (``llm_gym.tasks.tictactoe.RECIPE``; :func:`multi_turn_recipe` finds it); the recipe
     then takes its SFT data, batched env and held-out report from here instead of a task's oracle.
     """
 
@@ -393,11 +394,29 @@ class MultiTurnRecipe:
 
 
 def multi_turn_recipe(env_id: str) -> MultiTurnRecipe | None:
-    """The :class:`MultiTurnRecipe` of a registered env, or ``None`` for a single-turn task env."""
+    """The :class:`MultiTurnRecipe` of a registered env, or ``None`` for a single-turn task env.
+
+    The recipe is the ``RECIPE`` attribute of the module that holds the env's entry point, else of
+    that module's package (so a game's env module never imports its training module).
+
+    Args:
+        env_id: A registered environment id.
+
+    Returns:
+        The recipe, or None when neither module defines one.
+
+    Raises:
+        gymnasium.error.Error: If ``env_id`` is not registered.
+    """
+    import importlib
+
     import gymnasium as gym
-    from gymnasium.envs.registration import load_env_creator
 
     entry = gym.spec(env_id).entry_point
-    creator = load_env_creator(entry) if isinstance(entry, str) else entry
-    factory = getattr(creator, "multi_turn_recipe", None)
-    return factory() if callable(factory) else None
+    module_name = entry.partition(":")[0] if isinstance(entry, str) else getattr(entry, "__module__", "")
+    candidates = [module_name, module_name.rpartition(".")[0]]
+    for name in filter(None, candidates):
+        recipe = getattr(importlib.import_module(name), "RECIPE", None)
+        if isinstance(recipe, MultiTurnRecipe):
+            return recipe
+    return None

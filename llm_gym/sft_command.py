@@ -15,16 +15,16 @@ the rows (:func:`llm_gym.algorithms.sft.dataset_examples`) and saves the model a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from llm_gym.console import emit, fail
 
 __all__ = ["add_sft_parser"]
 
 
 def _fail(message: str) -> int:
-    print(f"llm-gym sft: {message}", file=sys.stderr)
-    return 2
+    return fail("sft", message)
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
@@ -62,8 +62,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     result = train_sft(model, tokenizer, examples, config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"{len(examples)} examples ({100 * report.fit_fraction:.1f}% within {args.seq_len} tokens), {result.steps} "
-          f"steps: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; model: {out}")  # fmt: skip
+    emit(f"{len(examples)} examples ({100 * report.fit_fraction:.1f}% within {args.seq_len} tokens), {result.steps} "
+         f"steps: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; model: {out}")  # fmt: skip
     return 0
 
 

@@ -323,6 +323,7 @@ class GRPO:
         Raises:
             ValueError: On shapes that do not match ``[P, G]``.
         """
+        self.backend.sleep()  # the learn phase starts: vLLM releases its GPU memory until the next generation
         if not self.hps.dynamic_sampling:
             return update.learn(self, experiences)
         experiences, zero_std = dynamic.drop_zero_std(experiences)
@@ -434,6 +435,15 @@ class GRPO:
         new.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         self._activate()
         return new
+
+    def close(self) -> None:
+        """Shut the generation backend down (vLLM: its engine and GPU memory); idempotent.
+
+        Clones share the backend, so closing one agent closes it for the whole population: call it
+        once training and evaluation are over (:func:`~llm_gym.algorithms.run.loop.finetune_llm_reasoning`
+        does at its end). With the HF backend nothing is released and the agent keeps working.
+        """
+        self.backend.close()
 
     def release(self) -> None:
         """Delete this agent's adapter from the shared model (a discarded population member).

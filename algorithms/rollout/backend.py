@@ -73,7 +73,10 @@ class GenerationBackend(Protocol):
     """What the GRPO agent needs from a generator.
 
     A backend may keep its own copy of the weights (vLLM); :meth:`sync` is called before
-    generating whenever the trainable adapter changed since the last call.
+    generating whenever the trainable adapter changed since the last call. Phases: the agent calls
+    :meth:`sleep` once at the start of each learn phase (a backend holding GPU memory releases it
+    and takes it back at its next generation); :meth:`close` ends the backend for good. Both are
+    no-ops for a backend that holds nothing of its own (HF).
     """
 
     def generate(
@@ -84,6 +87,14 @@ class GenerationBackend(Protocol):
 
     def sync(self, agent: Any) -> None:
         """Bring the backend's weights up to date with the agent's adapter."""
+        ...
+
+    def sleep(self) -> None:
+        """A learn phase starts: release what generation holds until the next generation call."""
+        ...
+
+    def close(self) -> None:
+        """Release everything the backend holds (idempotent); it cannot generate afterwards."""
         ...
 
 

@@ -84,6 +84,12 @@ class HFGenerationBackend:
     def sync(self, agent: Any) -> None:
         """Nothing to do: this backend generates with the training model itself."""
 
+    def sleep(self) -> None:
+        """Nothing to do: the training model holds no memory apart from the trainer's."""
+
+    def close(self) -> None:
+        """Nothing to do: the model belongs to the agent (the backend keeps generating after this)."""
+
     def _device(self) -> torch.device:
         try:
             return next(self.model.parameters()).device

@@ -8,8 +8,9 @@ serve every agent (:meth:`VLLMBackend.generate_batches`).
 
 Phases: with ``sleep_mode`` the engine sleeps (level 1: weights to CPU, KV cache dropped) while the
 trainer learns and wakes lazily on the first generation or sync of the next rollout or evaluation
-phase. The training loop calls :meth:`VLLMBackend.sleep` once per learn phase; until it first does,
-the backend sleeps after every generation call (correct, but one cycle per batch).
+phase. ``GRPO.learn`` calls :meth:`VLLMBackend.sleep` once at the start of each learn phase; until
+the first call the backend sleeps after every generation call (correct, but one cycle per batch).
+``GRPO.close`` (called by ``finetune_llm_reasoning`` at its end) shuts the engine down.
 
 Engine settings and the checks made when it is built live in :mod:`~llm_gym.algorithms.rollout.vllm_engine`
 (re-exported here). ``vllm`` is imported only when this backend is built (``GRPO(use_vllm=True)``);
@@ -382,7 +383,8 @@ class VLLMBackend:
 
     def _check_open(self) -> None:
         if self.llm is None:
-            raise RuntimeError("this vLLM backend was closed: build a new agent (GRPO(use_vllm=True)) to generate")
+            raise RuntimeError("this vLLM backend was closed (GRPO.close, or the end of finetune_llm_reasoning: pass "
+                               "close_backends=False to keep generating): build a new agent (GRPO(use_vllm=True))")
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:

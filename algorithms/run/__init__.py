@@ -2,5 +2,7 @@
 
 ``loop.py`` (rollout -> learn per agent, evaluation, evolution, checkpoints), ``checkpoints.py`` (the whole
 population + run state + RNG states, atomically), ``elites.py`` (EliteStore, load_elite),
-``loggers.py`` (CSV, TensorBoard, W&B, completion samples), ``plots.py`` (the learning curve).
+``loggers.py`` (CSV, TensorBoard, W&B, completion samples), ``plots.py`` (the learning curve); for the main
+job (:mod:`~llm_gym.algorithms.recipe`): ``checks.py`` (a train config checked before any work), ``warmup.py``
+(the SFT warm-up and its cache), ``resume.py`` (resume points), ``report.py`` (the summary table).
 """

@@ -43,7 +43,7 @@ from llm_gym.algorithms.run.elites import EliteStore
 from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, cut_logs, make_logger
 from llm_gym.algorithms.run.plots import plot_learning_curve
 
-__all__ = ["RunState", "SMOKE_CAPS", "finetune_llm_reasoning"]
+__all__ = ["RunState", "SMOKE_CAPS", "close_agents", "finetune_llm_reasoning"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class _Run:
     max_reward_reached: bool = False
     fitness: str = "reward"
     fitness_split: str = "test"
+    close_backends: bool = True
 
     @property
     def evolve(self) -> bool:
@@ -222,6 +223,16 @@ class _Run:
             bar.close()
             self.sink.close()
             redirect.__exit__(None, None, None)
+            if self.close_backends:  # after the last checkpoint and elite: nothing is lost
+                close_agents(self.pop)
+
+
+def close_agents(pop: Sequence[Any]) -> None:
+    """Shut down every agent's generation backend (``agent.close()``; agents without one are skipped)."""
+    for agent in pop:
+        close = getattr(agent, "close", None)
+        if close is not None:
+            close()
 
 
 def _log_samples(samples: CompletionSampleLog, env: Any, agent: Any, step: int, prompts: Any, batch: Rollout) -> None:
@@ -313,6 +324,7 @@ def finetune_llm_reasoning(
     fitness: str = "reward",
     fitness_split: str = "test",
     initial_eval: dict[str, float] | None = None,
+    close_backends: bool = True,
 ) -> list[Any]:
     """Train a population of GRPO agents on a :class:`~llm_gym.reasoning_gym.ReasoningGym`.
 
@@ -363,6 +375,9 @@ def finetune_llm_reasoning(
         initial_eval: The starting model's evaluation on the fitness split (every agent starts as
             it, e.g. the SFT model under fresh LoRA adapters): recorded at step 0 for every agent,
             so the learning curve starts there (not on resume).
+        close_backends: At the end (also on an error) close every agent's generation backend
+            (:meth:`GRPO.close`: a vLLM engine and its GPU memory). False keeps the agents
+            generating, e.g. for a final evaluation; then close them yourself.
 
     Returns:
         The final population.
@@ -401,7 +416,7 @@ def finetune_llm_reasoning(
         elites=EliteStore(elite_path or "checkpoints", keep=keep_elites) if save_elite else None,
         tournament=tournament if evolve else None, mutation=mutation if evolve else None,
         evo_steps=evo_steps if evolve else None, checkpoint_path=checkpoint_path, checkpoint_interval=checkpoint_interval,
-        fitness=fitness, fitness_split=fitness_split,
+        fitness=fitness, fitness_split=fitness_split, close_backends=close_backends,
     )  # fmt: skip
     run.loop(env.reset(reset_dataloaders=not resume_from and start == 0), start)
     if state.records:

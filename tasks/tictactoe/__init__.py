@@ -5,8 +5,9 @@ opponent, the answer format and the scripted players (oracle and noisy teacher) 
 :mod:`~llm_gym.tasks.tictactoe.game`; batched play for training (stratified opponent buckets),
 SFT data from filtered games and evaluation in :mod:`~llm_gym.tasks.tictactoe.play`; the game as
 the trainer's batched token-id env, multi-turn SFT examples and per-opponent results of a model in
-:mod:`~llm_gym.tasks.tictactoe.training`. Everything
-public is importable from here. Importing this package registers the env.
+:mod:`~llm_gym.tasks.tictactoe.training`, whose ``RECIPE`` (how ``llm-gym train`` trains the game) is
+exported here for :func:`llm_gym.multi_turn.multi_turn_recipe`. Everything public is importable from
+here. Importing this package registers the env.
 """
 
 from llm_gym.registry import register_env
@@ -56,6 +57,7 @@ from llm_gym.tasks.tictactoe.play import (
     teacher_conversations,
 )
 from llm_gym.tasks.tictactoe.training import (
+    RECIPE,
     game_metrics,
     held_out_options,
     make_training_env,
@@ -64,7 +66,7 @@ from llm_gym.tasks.tictactoe.training import (
 )
 
 __all__ = [
-    "EMPTY", "ENV_ID", "OPPONENTS", "OUTCOME_REWARDS", "SYSTEM_PROMPT", "TEST_FRACTION",
+    "EMPTY", "ENV_ID", "OPPONENTS", "OUTCOME_REWARDS", "RECIPE", "SYSTEM_PROMPT", "TEST_FRACTION",
     "GameRecord", "GameSetup", "GameStats", "Player", "TicTacToeConfig", "TicTacToeEnv",
     "batch_options", "best_moves", "evaluate_player", "format_reward", "free_cells", "game_records",
     "invalid_move_reward", "is_formatted", "keep_for_sft", "make_batch", "make_rubric", "model_starts", "move_tag",

@@ -402,13 +402,6 @@ class TicTacToeEnv(gym.Env):
         return f"{render_board(self._board)}\nmodel: {self.mark}, invalid moves: {self._invalid}, {state}"
 
     @classmethod
-    def multi_turn_recipe(cls) -> Any:
-        """How ``llm-gym train`` trains the game (:class:`~llm_gym.multi_turn.MultiTurnRecipe`)."""
-        from llm_gym.tasks.tictactoe.training import RECIPE
-
-        return RECIPE
-
-    @classmethod
     def example_conversations(cls, count: int, seed: int = 0) -> list[list[dict[str, str]]]:
         """``count`` whole games of the oracle against opponents of every strength (tokenizer training text).
 

@@ -471,6 +471,25 @@ def test_backends_by_name():
         check_backend("tgi")
 
 
+def test_hf_backend_phases_are_no_ops_and_learn_starts_each_learn_phase(monkeypatch):
+    from llm_gym.algorithms.rollout.backend import GenerationBackend
+    from llm_gym.algorithms.rollout.hf import HFGenerationBackend
+
+    agent = make_agent(group_size=2)
+    assert isinstance(agent.backend, GenerationBackend)  # the protocol's generate/sync/sleep/close
+    assert agent.backend.sleep() is None and agent.backend.close() is None
+    calls = []
+    monkeypatch.setattr(HFGenerationBackend, "sleep", lambda self: calls.append(self))
+    experience = _experience(agent)
+    agent.learn(experience)
+    agent.learn(experience)
+    assert calls == [agent.backend, agent.backend]  # one sleep per learn phase, none per generation
+    agent.close()
+    agent.close()  # idempotent, and the HF agent keeps generating
+    first = agent.get_action(_prompts(), training=False)[0]
+    assert [t.tolist() for t in first] == [t.tolist() for t in agent.get_action(_prompts(), training=False)[0]]
+
+
 def test_each_loss_variant_shares_a_batch_exactly_once():
     from llm_gym.algorithms.grpo.loss import LOSS_TYPES, LOSS_VARIANTS
 

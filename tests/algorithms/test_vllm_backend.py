@@ -400,6 +400,69 @@ def test_close_drops_an_awake_engines_memory_before_shutdown(fake_vllm):
     assert llm.events == [("sleep", 2)] and llm.llm_engine.shutdowns == [1]  # never woken again: level 2 is safe
 
 
+def _phase_run(steps, **loop_kwargs):
+    """A 2-agent population (one shared engine, sleep mode) trained ``steps`` steps by the loop; (pop, engine)."""
+    from grpo_tiny import make_tokenizer
+
+    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+    from llm_gym.reasoning_gym import ReasoningGym
+
+    env = ReasoningGym.from_task("llm_gym/Countdown-v0", make_tokenizer(), train_size=8, test_size=2,
+                                 data_batch_size_per_gpu=2, seed=0)  # Countdown prompts: 529 characters here
+    agent = _vllm_agent(VLLMConfig(sleep_mode=True), max_model_len=600, group_size=2)
+    pop = [agent, agent.clone(index=1)]
+    llm = agent.backend.llm
+    options = {"max_steps": steps, "evaluation_interval": steps, "evo_steps": None, "eval_problems": 2,
+               "verbose": False, "sample_interval": 0, "log_dir": "run", **loop_kwargs}  # fmt: skip
+    return finetune_llm_reasoning(pop, env, **options), llm
+
+
+def _phases(llm):
+    """The engine's events with each run of generate calls written once: ``gen``."""
+    kinds = []
+    for event in llm.events:
+        kind = "gen" if event[0] == "generate" else "sleep2" if event == ("sleep", 2) else event[0]
+        if not (kind == "gen" and kinds[-1:] == ["gen"]):
+            kinds.append(kind)
+    return kinds
+
+
+def test_training_loop_wakes_once_per_rollout_sleeps_once_per_learn_and_closes(fake_vllm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pop, llm = _phase_run(2)
+    # step 1: agent 0 rolls out on the engine as built (awake), learns; agent 1 wakes it, rolls out, learns.
+    # step 2: the same for both; then one evaluation phase (both agents, one wake) and close.
+    rollout_then_learn = ["wake_up", "gen", "sleep"]
+    assert _phases(llm) == ["gen", "sleep"] + 3 * rollout_then_learn + ["wake_up", "gen", "sleep2"]
+    assert [e for e in llm.events if e[0] == "sleep"].count(("sleep", 1)) == 4  # 2 steps x 2 agents learn
+    assert llm.llm_engine.shutdowns == [1] and all(a.backend.llm is None for a in pop)
+    assert len(vllm_backend._LIVE) == 0
+    pop[0].close()
+    pop[1].close()  # idempotent: the shared engine was shut down once
+    assert llm.llm_engine.shutdowns == [1]
+    with pytest.raises(RuntimeError, match="pass close_backends=False to keep generating"):
+        pop[0].get_action([prompt([5])])
+
+
+def test_training_loop_can_leave_the_engine_open_and_closes_it_on_an_error(fake_vllm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pop, llm = _phase_run(1, close_backends=False)
+    assert llm.llm_engine.shutdowns == [] and pop[0].backend.llm is llm
+    pop[0].get_action([prompt([5])], training=False)  # still serving, e.g. for a final evaluation
+    pop[0].close()
+    assert llm.llm_engine.shutdowns == [1]
+
+    from llm_gym.algorithms.grpo.agent import GRPO
+
+    def failing(self, experiences):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(GRPO, "learn", failing)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        _phase_run(1)
+    assert _FakeLLM.instances[-1].llm_engine.shutdowns == [1] and len(vllm_backend._LIVE) == 0
+
+
 # ------------------------------------------------------------------------------ adapters
 def test_adapter_is_loaded_at_sync_and_a_bad_one_fails_there(fake_vllm, monkeypatch):
     agent = _vllm_agent(VLLMConfig(sleep_mode=True))

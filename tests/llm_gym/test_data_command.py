@@ -81,6 +81,7 @@ def test_sft_warm_up_trains_on_a_saved_dataset(oracle_data, tmp_path, monkeypatc
     """``sft_dataset:`` replaces the oracle examples (the train config's hook)."""
     import llm_gym.algorithms.sft as sft
     from llm_gym.algorithms import recipe
+    from llm_gym.algorithms.run import warmup
 
     folder, _ = oracle_data
     seen = []
@@ -94,7 +95,7 @@ def test_sft_warm_up_trains_on_a_saved_dataset(oracle_data, tmp_path, monkeypatc
     monkeypatch.setattr(sft, "oracle_examples", lambda *a, **k: pytest.fail("the oracle must not be used"))
     monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
     config = recipe.TrainConfig(task=TASK, task_kwargs={}, sft_steps=2, sft_batch_size=2, sft_dataset=str(folder))
-    path, _ = recipe._sft_model(config, tmp_path / "run")
+    path, _ = warmup.sft_model(config, tmp_path / "run")
     data = load_rollouts(folder)
     assert [e.completion for e in seen] == [c[0]["content"] for c in data["completion"]]
     assert all(e.prompt.endswith("Let me solve this step by step.\n<think>") for e in seen)

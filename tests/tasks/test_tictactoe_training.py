@@ -88,8 +88,42 @@ def test_game_metrics_per_opponent_by_hand():
 
 
 def test_the_env_offers_its_recipe_and_sft_examples_are_whole_games():
-    assert multi_turn_recipe(ENV_ID) is RECIPE and RECIPE.tokenizer_env_ids == (ENV_ID,)
+    import llm_gym.tasks.tictactoe as package
+
+    assert multi_turn_recipe(ENV_ID) is RECIPE is package.RECIPE and RECIPE.tokenizer_env_ids == (ENV_ID,)
     assert multi_turn_recipe("llm_gym/Countdown-v0") is None
     examples = sft_examples(20, seed=1)
     assert examples and all(isinstance(e, ConversationExample) for e in examples)
     assert all(e.messages[-1]["role"] == "assistant" for e in examples)
+
+
+def test_the_env_module_never_imports_the_training_module():
+    import ast
+    from pathlib import Path
+
+    import llm_gym.tasks.tictactoe.env as env_module
+
+    tree = ast.parse(Path(env_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(name.startswith("llm_gym.tasks.tictactoe.training") for name in imported)  # training imports env
+
+
+def test_a_recipe_is_found_in_the_entry_points_own_module(monkeypatch):
+    import sys
+    import types
+
+    import gymnasium as gym
+
+    module = types.ModuleType("my_game")
+    module.MyGame, module.RECIPE = TicTacToeEnv, RECIPE
+    monkeypatch.setitem(sys.modules, "my_game", module)
+    gym.register("test/MyGame-v0", entry_point="my_game:MyGame")
+    try:
+        assert multi_turn_recipe("test/MyGame-v0") is RECIPE
+        module.RECIPE = "not a recipe"
+        assert multi_turn_recipe("test/MyGame-v0") is None
+    finally:
+        del gym.registry["test/MyGame-v0"]
+    with pytest.raises(gym.error.Error):
+        multi_turn_recipe("test/MyGame-v0")
