@@ -439,9 +439,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     Fitness is exact accuracy on the validation split (ties broken by total reward); the table
     compares the SFT start and the elite on the test split, which neither training nor selection reads.
 
+    Under ``accelerate launch`` / ``torchrun`` with N processes (:mod:`~llm_gym.algorithms.run.distributed`),
+    process 0 runs the SFT warm-up and writes every file; each step's ``prompts_per_step`` prompts
+    are shared out over the processes, and so is every evaluation.
+
     Returns:
         ``{"sft": test metrics, "elite": test metrics, "gain", "gain_se", "sft_validation",
-        "elite_validation", "elite_hyperparameters", "seconds", "run_dir"}``; the test metrics have
+        "elite_validation", "elite_hyperparameters", "seconds", "run_dir", "world_size",
+        "prompts_per_process"}``; the test metrics have
         ``accuracy``, ``accuracy_se`` and ``problems`` (see :mod:`~llm_gym.algorithms.run.report`).
 
     Raises:
@@ -453,7 +458,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from llm_gym.algorithms.evolution.mutation import Mutations
     from llm_gym.algorithms.evolution.selection import TournamentSelection
     from llm_gym.algorithms.grpo.population import create_population
-    from llm_gym.algorithms.rollout.rollout import evaluate
+    from llm_gym.algorithms.run.distributed import DataParallel, check_processes
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
     from llm_gym.algorithms.run.report import build_summary
     from llm_gym.models import lora_target_modules
@@ -462,19 +467,29 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     point = _check_run(config)  # before any work or write: a bad input leaves nothing behind
+    check_processes(config.prompts_per_step, config.train_size, multi_turn_recipe(config.task) is not None)
+    dp = DataParallel.from_environment()  # one process, or this one's place among N (accelerate launch)
+    evaluate = dp.evaluate  # sharded over the processes and gathered; the plain evaluation in one process
     run_dir = point.run_dir if point is not None else Path(config.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(dp.broadcast(str(run_dir)))  # process 0's clock names the folder
     finished = _finished_summary(run_dir, point, config)
     if finished is not None:
+        dp.close()
         return finished
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
-    (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
-
     multi_turn = multi_turn_recipe(config.task)  # None for single-turn tasks
-    model_path, tokenizer = _sft_model(config, run_dir, point, multi_turn)
+    if dp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
+        (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
+        model_path, tokenizer = _sft_model(config, run_dir, point, multi_turn)
+    model_path = dp.broadcast(model_path if dp.is_main else None)  # the other processes wait for the warm-up
+    if not dp.is_main:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
     if multi_turn is None:
         env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                      validation_size=config.validation_size, seed=config.seed,
@@ -516,12 +531,15 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:
-        best.test(env, split=fitness_split, fitness=fitness)
+        dp.test(best, env, split=fitness_split, fitness=fitness)
     elite_validation = dict(best.last_eval)
     summary = build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,
         elite_validation=elite_validation, elite_hyperparameters=dataclasses.asdict(best.hps),
         sft_data=_sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
+        world_size=dp.world_size, prompts_per_process=dp.prompts_per_process(),
     )  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dp.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    dp.close()
     return summary
