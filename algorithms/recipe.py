@@ -527,7 +527,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=1.0 if multi_turn is None else env.rubric.max_total, fitness=fitness,
         fitness_split=fitness_split, eval_problems=config.validation_size if multi_turn is None else None,
-        initial_eval=sft_validation,
+        initial_eval=sft_validation, data_parallel=dp,
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:

@@ -333,6 +333,7 @@ def finetune_llm_reasoning(
     fitness: str = "reward",
     fitness_split: str = "test",
     initial_eval: dict[str, float] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> list[Any]:
     """Train a population of GRPO agents on a :class:`~llm_gym.reasoning_gym.ReasoningGym`.
 
@@ -386,6 +387,9 @@ def finetune_llm_reasoning(
         initial_eval: The starting model's evaluation on the fitness split (every agent starts as
             it, e.g. the SFT model under fresh LoRA adapters): recorded at step 0 for every agent,
             so the learning curve starts there (not on resume).
+        data_parallel: This process's place among several
+            (:class:`~llm_gym.algorithms.run.distributed.DataParallel`; it counts the prompts each
+            process rolled out); default: found from the launcher's environment.
 
     Returns:
         The final population.
@@ -396,7 +400,7 @@ def finetune_llm_reasoning(
     """
     pop = list(pop)
     evolve = _check_arguments(pop, evaluation_interval, tournament, mutation, evo_steps)
-    dp = DataParallel.from_environment()
+    dp = data_parallel if data_parallel is not None else DataParallel.from_environment()
     dp.prepare_env(env)
     if max_steps is None:
         batches = env.num_batches("train") if hasattr(env, "num_batches") else len(env)
