@@ -467,7 +467,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     point = _check_run(config)  # before any work or write: a bad input leaves nothing behind
-    check_processes(config.prompts_per_step, config.train_size, multi_turn_recipe(config.task) is not None)
+    check_processes(config.prompts_per_step, config.train_size, multi_turn_recipe(config.task) is not None,
+                    config.dynamic_sampling)  # fmt: skip
     dp = DataParallel.from_environment()  # one process, or this one's place among N (accelerate launch)
     evaluate = dp.evaluate  # sharded over the processes and gathered; the plain evaluation in one process
     run_dir = point.run_dir if point is not None else Path(config.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -154,12 +154,17 @@ class DataParallel:
         """Process 0's ``obj`` on every process."""
         return broadcast_object(obj) if self.enabled else obj
 
-    def prepare_env(self, env: Any) -> None:
+    def prepare_env(self, env: Any, pop: Sequence[Any] = ()) -> None:
         """Make ``env`` serve this process its share of every batch (a no-op in one process).
 
+        Args:
+            env: The batched env.
+            pop: The agents (refused when they use dynamic sampling).
+
         Raises:
-            UsageError: An env that cannot be sharded (a multi-turn env), or too few prompts per
-                step for the processes (see :meth:`~llm_gym.reasoning_gym.ReasoningGym.shard_batches`).
+            UsageError: An env that cannot be sharded (a multi-turn env), too few prompts per step
+                for the processes (see :meth:`~llm_gym.reasoning_gym.ReasoningGym.shard_batches`), or
+                agents with dynamic sampling.
         """
         if not self.enabled:
             return
@@ -171,8 +176,15 @@ class DataParallel:
         else:
             raise UsageError(f"{type(env).__name__} cannot be sharded over {self.world_size} processes (multi-turn "
                              "envs train in one process): launch without --num_processes")  # fmt: skip
-        logger.info("process %d of %d: trains on prompts %d::%d of every batch", self.rank, self.world_size,
-                    self.rank, self.world_size)  # fmt: skip
+        if any(getattr(getattr(a, "hps", None), "dynamic_sampling", False) for a in pop):
+            raise UsageError(f"dynamic_sampling refills differ per process, so it trains in one process, not "
+                             f"{self.world_size}: set dynamic_sampling=False or launch without --num_processes")
+        if self.data_sharded:
+            logger.info("process %d of %d: trains on its own shard of the data (the env's accelerator)", self.rank,
+                        self.world_size)  # fmt: skip
+        else:
+            logger.info("process %d of %d: trains on prompts %d::%d of every batch", self.rank, self.world_size,
+                        self.rank, self.world_size)  # fmt: skip
 
     def sync_start(self, pop: Sequence[Any], resumed_rng: Sequence[Any] | None = None) -> None:
         """Start every process from process 0's adapters, and give each process its own sampling RNG.
@@ -332,13 +344,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def check_processes(prompts_per_step: int, train_size: int, multi_turn: bool = False) -> None:
+def check_processes(prompts_per_step: int, train_size: int, multi_turn: bool = False,
+                    dynamic_sampling: bool = False) -> None:
     """Refuse a launch with more processes than the data can keep busy, before any work.
 
     Args:
         prompts_per_step: Prompts of each training step (shared out over the processes).
         train_size: Training problems.
         multi_turn: Whether the task is a multi-turn game (trained in one process).
+        dynamic_sampling: Whether the agents refill their batches (each process would refill differently).
 
     Raises:
         UsageError: Naming the value and the fix.
@@ -348,6 +362,9 @@ def check_processes(prompts_per_step: int, train_size: int, multi_turn: bool = F
         return
     if multi_turn:
         raise UsageError(f"multi-turn tasks train in one process, not {world}: launch without --num_processes")
+    if dynamic_sampling:
+        raise UsageError(f"dynamic_sampling refills differ per process, so it trains in one process, not {world}: "
+                         "set dynamic_sampling: false or launch without --num_processes")  # fmt: skip
     if prompts_per_step < world:
         raise UsageError(f"--num_processes {world} is more than prompts_per_step={prompts_per_step} (each process "
                          f"takes a share of every step's prompts): set prompts_per_step >= {world} or launch "

@@ -401,7 +401,7 @@ def finetune_llm_reasoning(
     pop = list(pop)
     evolve = _check_arguments(pop, evaluation_interval, tournament, mutation, evo_steps)
     dp = data_parallel if data_parallel is not None else DataParallel.from_environment()
-    dp.prepare_env(env)
+    dp.prepare_env(env, pop)
     if max_steps is None:
         batches = env.num_batches("train") if hasattr(env, "num_batches") else len(env)
         max_steps = batches * (num_epochs or 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_workers import EVAL_WORKER, UPDATE_WORKER, child_env, free_port, launch, one_update, tiny_env
+from distributed_workers import REPO, EVAL_WORKER, UPDATE_WORKER, child_env, free_port, launch, one_update, tiny_env
 
 from llm_gym.algorithms.rollout.rollout import evaluate
 from llm_gym.algorithms.run.distributed import DataParallel, _metric_name, check_processes
@@ -100,10 +100,13 @@ def test_more_processes_than_the_data_allows_is_one_line_naming_the_fix(monkeypa
     check_processes(world, 4 * world)  # enough prompts: no error
 
 
-def test_a_multi_turn_task_is_refused_under_several_processes(monkeypatch):
+def test_multi_turn_tasks_and_dynamic_sampling_are_refused_under_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=r"^multi-turn tasks train in one process, not 2: launch without --num_processes$"):
         check_processes(4, 16, multi_turn=True)
+    with pytest.raises(UsageError, match=r"^dynamic_sampling refills differ per process, so it trains in one process, "
+                                         r"not 2: set dynamic_sampling: false or launch without --num_processes$"):
+        check_processes(4, 16, dynamic_sampling=True)
 
 
 def test_the_env_refuses_a_batch_smaller_than_the_process_count():
@@ -137,14 +140,23 @@ lr: 0.001
 
 
 def _accelerate_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes 2 -m llm_gym.cli train ...`` (torchrun; gloo on CPU)."""
+    """``accelerate launch --config_file docs/accelerate/ddp.yaml -m llm_gym.cli train ...``: the documented
+    multi-GPU file, which on a machine without CUDA starts its 2 processes on gloo (torchrun)."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "llm_gym.cli", "train", *args]  # fmt: skip
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "docs" / "accelerate" / "ddp.yaml"),
+           "--main_process_port", str(free_port()), "-m", "llm_gym.cli", "train", *args]  # fmt: skip
     env = child_env(LLM_GYM_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"))  # no user accelerate config
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_the_deepspeed_file_is_a_zero2_config_of_the_same_launch():
+    import yaml
+
+    ddp = yaml.safe_load((REPO / "docs" / "accelerate" / "ddp.yaml").read_text())
+    zero2 = yaml.safe_load((REPO / "docs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    assert (ddp["distributed_type"], zero2["distributed_type"]) == ("MULTI_GPU", "DEEPSPEED")
+    assert zero2["deepspeed_config"]["zero_stage"] == 2 and ddp["num_processes"] == zero2["num_processes"] == 2
 
 
 def test_accelerate_launch_trains_with_two_processes_and_resumes(tmp_path):
@@ -182,8 +194,8 @@ def test_too_many_processes_from_the_command_line_is_one_line(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_RUN.replace("prompts_per_step: 2", "prompts_per_step: 1"))
     proc = _accelerate_train(tmp_path, "--config", str(config), "--output-dir", str(tmp_path / "run"))
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stderr[-3000:]
     line = ("llm-gym train: --num_processes 2 is more than prompts_per_step=1 (each process takes a share of every "
             "step's prompts): set prompts_per_step >= 2 or launch --num_processes 1")  # fmt: skip
-    assert line in proc.stderr.splitlines()
+    assert line in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
