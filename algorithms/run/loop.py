@@ -45,7 +45,13 @@ from llm_gym.algorithms.rollout.rollout import Rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population, write_with_tokenizer
 from llm_gym.algorithms.run.distributed import DataParallel
 from llm_gym.algorithms.run.elites import EliteStore
-from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, MultiLogger, cut_logs, make_logger
+from llm_gym.algorithms.run.loggers import (
+    CompletionSampleLog,
+    MetricLogger,
+    MultiLogger,
+    cut_logs,
+    make_logger,
+)
 from llm_gym.algorithms.run.plots import plot_learning_curve
 
 __all__ = ["RunState", "SMOKE_CAPS", "finetune_llm_reasoning"]

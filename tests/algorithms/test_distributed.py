@@ -8,14 +8,22 @@ against hand computations and TRL (``test_loss.py``, ``test_grpo.py``).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_workers import REPO, EVAL_WORKER, UPDATE_WORKER, child_env, free_port, launch, one_update, tiny_env
+from distributed_workers import (
+    EVAL_WORKER,
+    REPO,
+    UPDATE_WORKER,
+    child_env,
+    free_port,
+    launch,
+    one_update,
+    tiny_env,
+)
 
 from llm_gym.algorithms.rollout.rollout import evaluate
 from llm_gym.algorithms.run.distributed import DataParallel, _metric_name, check_processes
