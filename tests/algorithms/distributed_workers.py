@@ -119,15 +119,16 @@ def _digit_reward(completion: str, answer: str, question: str) -> float:
     return sum(ord(c) for c in completion) % 11 / 10
 
 
-def tiny_env(batch: int = 2):
-    """A ReasoningGym of 5 test and 4 train problems on the tiny character tokenizer."""
+def tiny_env(batch: int = 2, accelerator=None, test_rows: list[int] | None = None):
+    """A ReasoningGym of 4 train and 5 test problems (or rows ``test_rows`` of them) on the tiny character tokenizer."""
     from grpo_tiny import make_tokenizer
 
     from llm_gym.reasoning_gym import ReasoningGym
 
     rows = [{"question": f"{a}+{a}", "answer": str(2 * a)} for a in range(9)]
-    return ReasoningGym(rows[:4], rows[4:], make_tokenizer(), _digit_reward,
-                        [{"role": "user", "content": "{question}"}], data_batch_size_per_gpu=batch)  # fmt: skip
+    test = rows[4:] if test_rows is None else [rows[4 + i] for i in test_rows]
+    return ReasoningGym(rows[:4], test, make_tokenizer(), _digit_reward, [{"role": "user", "content": "{question}"}],
+                        data_batch_size_per_gpu=batch, accelerator=accelerator)  # fmt: skip
 
 
 def sharded_evaluation() -> dict:
@@ -140,7 +141,16 @@ def sharded_evaluation() -> dict:
     env = tiny_env()
     dp.prepare_env(env)
     agent = make_agent(max_output_tokens=5)
-    return {"metrics": dp.evaluate(agent, env, split="test"), "prompts": env.reset()}
+    out = {"metrics": dp.evaluate(agent, env, split="test"), "prompts": env.reset()}
+    # AgileRL's layout: the env shards the data itself (its accelerator), 2 prompts per process and batch.
+    from types import SimpleNamespace
+
+    own = tiny_env(accelerator=SimpleNamespace(num_processes=dp.world_size, process_index=dp.rank))
+    dp_own = DataParallel(rank=dp.rank, world_size=dp.world_size)
+    dp_own.prepare_env(own)
+    out["data_sharded"] = dp_own.data_sharded
+    out["own_shard"] = dp_own.evaluate(agent, own, split="test")
+    return out
 
 
 EVAL_WORKER = """

@@ -70,6 +70,14 @@ def test_a_sharded_evaluation_gathers_the_one_process_numbers(tmp_path):
         assert out["metrics"].keys() == reference.keys()
         for key, value in reference.items():
             assert out["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    # An env sharded by its accelerator (AgileRL's layout): each process evaluates its own shard, padded by
+    # wrapping around (5 problems -> 0, 2, 4 and 1, 3, 0), so problem 0 counts twice in the gathered numbers.
+    padded = evaluate(make_agent(max_output_tokens=5), tiny_env(test_rows=[0, 1, 2, 3, 4, 0]), split="test")
+    assert padded["problems"] == 6.0
+    for out in ranks:
+        assert out["data_sharded"] is True
+        for key, value in padded.items():
+            assert out["own_shard"][key] == pytest.approx(value, abs=1e-6), key
     # Each process got its share of the training batch: prompt 0 on process 0, prompt 1 on process 1.
     whole = env.reset(reset_dataloaders=True)
     assert [torch.equal(p["input_ids"], q["input_ids"]) for p, q in zip(ranks[0]["prompts"], whole[0::2], strict=True)] == [True]
