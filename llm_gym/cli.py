@@ -224,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         if args.debug or os.environ.get("LLM_GYM_DEBUG", "") not in ("", "0"):
             raise
-        print(f"llm-gym {args.command}: {err}", file=sys.stderr)
+        # One write: the processes of a data-parallel launch share stderr, and print's two writes interleave.
+        sys.stderr.write(f"llm-gym {args.command}: {err}\n")
         return 2
 
 

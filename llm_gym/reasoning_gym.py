@@ -259,6 +259,11 @@ class ReasoningGym:
         self._pending[self.split] = indices
         return self._prompts(indices)
 
+    @property
+    def batch_shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` set by :meth:`shard_batches`, or None (whole batches)."""
+        return self._batch_shard
+
     def shard_batches(self, rank: int, world_size: int) -> None:
         """Serve process ``rank`` of ``world_size`` its share of every batch: prompts ``rank::world_size``.
 

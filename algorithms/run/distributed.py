@@ -168,6 +168,11 @@ class DataParallel:
         """
         if not self.enabled:
             return
+        if any(getattr(getattr(a, "hps", None), "dynamic_sampling", False) for a in pop):
+            raise UsageError(f"dynamic_sampling refills differ per process, so it trains in one process, not "
+                             f"{self.world_size}: set dynamic_sampling=False or launch without --num_processes")
+        if self.data_sharded or getattr(env, "batch_shard", None) == (self.rank, self.world_size):
+            return  # already prepared
         accelerator = getattr(env, "accelerator", None)
         if accelerator is not None and int(getattr(accelerator, "num_processes", 1) or 1) > 1:
             self.data_sharded = True  # AgileRL's layout: this process's data shard, per-process batches
@@ -176,9 +181,6 @@ class DataParallel:
         else:
             raise UsageError(f"{type(env).__name__} cannot be sharded over {self.world_size} processes (multi-turn "
                              "envs train in one process): launch without --num_processes")  # fmt: skip
-        if any(getattr(getattr(a, "hps", None), "dynamic_sampling", False) for a in pop):
-            raise UsageError(f"dynamic_sampling refills differ per process, so it trains in one process, not "
-                             f"{self.world_size}: set dynamic_sampling=False or launch without --num_processes")
         if self.data_sharded:
             logger.info("process %d of %d: trains on its own shard of the data (the env's accelerator)", self.rank,
                         self.world_size)  # fmt: skip
@@ -255,6 +257,7 @@ class DataParallel:
 
         if not self.enabled:
             return rollout_module.evaluate(policy, env, max_problems, split=split)
+        self.prepare_env(env)  # e.g. the SFT start's evaluation, before the training loop prepares it
         if self.data_sharded:  # the env's own data shard: evaluate it, weight by the problems answered
             share = None if max_problems is None else -(-max_problems // self.world_size)
             local = rollout_module.evaluate(policy, env, share, split=split)

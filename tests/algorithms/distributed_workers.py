@@ -103,11 +103,14 @@ def one_update(loss_type: str, beta: float, update_epochs: int) -> dict:
     return {"grads": grads, "loss": metrics["loss"], "after": [p.detach().clone() for p in params]}
 
 
+UPDATE_CASES = [("grpo", 0.0, 1), ("dapo", 0.04, 2), ("dr_grpo", 0.0, 1)]
+"""(loss_type, beta, update_epochs) of the update comparisons: one launch runs them all."""
+
 UPDATE_WORKER = """
 import sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
-from distributed_workers import one_update
-out = one_update(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+from distributed_workers import UPDATE_CASES, one_update
+out = {case: one_update(*case) for case in UPDATE_CASES}
 torch.save(out, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """

@@ -17,6 +17,7 @@ import torch
 from distributed_workers import (
     EVAL_WORKER,
     REPO,
+    UPDATE_CASES,
     UPDATE_WORKER,
     child_env,
     free_port,
@@ -35,10 +36,18 @@ def _ok(procs: list[subprocess.CompletedProcess]) -> None:
         assert p.returncode == 0, f"rank {r}:\n{p.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "epochs"), [("grpo", 0.0, 1), ("dapo", 0.04, 2), ("dr_grpo", 0.0, 1)])
-def test_a_two_process_update_equals_the_one_process_update_on_the_same_global_batch(tmp_path, loss_type, beta, epochs):
-    _ok(launch(UPDATE_WORKER, [str(tmp_path), loss_type, str(beta), str(epochs)]))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def two_process_updates(tmp_path_factory):
+    """Every case of UPDATE_CASES, run by 2 gloo processes (one launch), per rank."""
+    out = tmp_path_factory.mktemp("updates")
+    _ok(launch(UPDATE_WORKER, [str(out)]))
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: f"{c[0]}-beta{c[1]}-epochs{c[2]}")
+def test_a_two_process_update_equals_the_one_process_update_on_the_same_global_batch(two_process_updates, case):
+    loss_type, beta, epochs = case
+    ranks = [per_rank[case] for per_rank in two_process_updates]
     reference = one_update(loss_type, beta, epochs)  # this process: no process group, the whole batch
     assert len(reference["grads"]) == epochs and len(ranks[0]["grads"]) == epochs
     for epoch in range(epochs):
@@ -183,6 +192,7 @@ def test_accelerate_launch_trains_with_two_processes_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert summary["sft"]["problems"] == summary["elite"]["problems"] == 4.0  # each test problem once, over both
     # Both took part: 2 steps x 2 agents x 1 prompt each (its share of 2), and each logged its share.
     assert summary["prompts_per_process"] == [4, 4]
     for rank in (0, 1):
@@ -215,3 +225,19 @@ def test_too_many_processes_from_the_command_line_is_one_line(tmp_path):
             "step's prompts): set prompts_per_step >= 2 or launch --num_processes 1")  # fmt: skip
     assert line in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_preparing_an_env_refuses_what_cannot_be_sharded():
+    from types import SimpleNamespace
+
+    dp = DataParallel(rank=1, world_size=2)  # no collective is reached before these refusals
+    refiller = SimpleNamespace(hps=SimpleNamespace(dynamic_sampling=True))
+    with pytest.raises(UsageError, match=r"^dynamic_sampling refills differ per process, so it trains in one process"):
+        dp.prepare_env(tiny_env(), [refiller])
+    with pytest.raises(UsageError, match=r"^object cannot be sharded over 2 processes \(multi-turn envs train in one "
+                                         r"process\): launch without --num_processes$"):
+        dp.prepare_env(object())
+    env = tiny_env()
+    dp.prepare_env(env)
+    dp.prepare_env(env)  # twice (the SFT evaluation, then the loop): the same share
+    assert env.batch_shard == (1, 2) and not dp.data_sharded
