@@ -36,13 +36,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch(code: str, args: list[str], world: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def launch(
+    code: str, args: list[str], world: int = 2, timeout: float = 300, cwd: Path | None = None, **env: str
+) -> list[subprocess.CompletedProcess]:
     """Run ``python -c code *args`` as ``world`` processes of one gloo group; returns them in rank order."""
     port = str(free_port())
     procs = [
         subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))  # fmt: skip
+                         cwd=cwd, env=child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env))  # fmt: skip
         for r in range(world)
     ]
     done = []
@@ -164,3 +166,19 @@ out = sharded_evaluation()
 torch.save(out, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
+
+
+# ---------------------------------------------------------------- AgileRL's tutorial script
+SEED_WORKER = """
+import logging
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from llm_gym.tiny import tiny_model_path
+from tests.seed001 import ported_script
+from tests.test_seed001_script import fake_load_dataset
+namespace = {"__name__": "seed001"}
+exec(compile(ported_script(), "seed001.py", "exec"), namespace)
+namespace.update(MODEL_PATH=str(tiny_model_path("tiny")), DATASET="local/countdown-3to4", USE_VLLM=False,
+                 load_dataset=fake_load_dataset)
+namespace["main"]()
+"""
+"""The seed 001 script with test_seed001_script.py's substitutions, its ``main()`` run in each process."""

@@ -17,6 +17,7 @@ import torch
 from distributed_workers import (
     EVAL_WORKER,
     REPO,
+    SEED_WORKER,
     UPDATE_CASES,
     UPDATE_WORKER,
     child_env,
@@ -241,3 +242,17 @@ def test_preparing_an_env_refuses_what_cannot_be_sharded():
     dp.prepare_env(env)
     dp.prepare_env(env)  # twice (the SFT evaluation, then the loop): the same share
     assert env.batch_shard == (1, 2) and not dp.data_sharded
+
+
+def test_agilerls_tutorial_script_trains_under_two_processes(tmp_path):
+    """``finetune_llm_reasoning`` under a launcher, called by an unmodified user script (seed 001)."""
+    procs = launch(SEED_WORKER, [], timeout=600, cwd=tmp_path, LLM_GYM_MAX_STEPS="2", LLM_GYM_MAX_OUTPUT_TOKENS="8",
+                   LLM_GYM_EVAL_PROBLEMS="10")  # fmt: skip
+    _ok(procs)
+    for rank, proc in enumerate(procs):
+        assert f"process {rank} of 2: trains on prompts {rank}::2 of every batch" in proc.stderr
+        assert f"process {rank} of 2: rolled out 10 training prompts" in proc.stderr  # 2 steps x 5 of 10
+    (run,) = (tmp_path / "runs").iterdir()  # one run folder: process 0's
+    assert "agent0/loss" in (run / "metrics.csv").read_text()
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
+    assert len(index) == 1 and index[0]["step"] == 2  # one elite, written once
