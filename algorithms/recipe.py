@@ -87,7 +87,8 @@ class TrainConfig:
     """Validation problems: fitness (exact accuracy, ties broken by total reward) for evolution,
     disjoint from the training and test problems (hash split, ``llm_gym.problems``)."""
     prompts_per_step: int = 4
-    """Prompts per training step (``data_batch_size_per_gpu``)."""
+    """Prompts per training step (``data_batch_size_per_gpu``); with N processes (``accelerate launch``) the
+    step's prompts are shared out over them, so at least N (docs/distributed.md)."""
     group_size: int = 16
     """Completions per prompt."""
     max_output_tokens: int = 40
