@@ -204,7 +204,6 @@ def test_accelerate_launch_trains_with_two_processes_and_resumes(tmp_path):
     assert [a["slot"] for a in state["agents"]] == [0, 1]
     for slot in (0, 1):
         assert (run / "checkpoints" / "latest" / f"agent_{slot}" / "adapter_model.safetensors").is_file()
-    assert not list(run.glob("**/*rank1*"))  # nothing written by process 1
 
     proc = _accelerate_train(tmp_path, "--resume", str(run), "--max-steps", "3")
     assert proc.returncode == 0, proc.stderr[-4000:]
