@@ -136,7 +136,7 @@ def tiny_env(batch: int = 2, accelerator=None, test_rows: list[int] | None = Non
                         data_batch_size_per_gpu=batch, accelerator=accelerator)  # fmt: skip
 
 
-def sharded_evaluation() -> dict:
+def sharded_evaluation(out_dir: str) -> dict:
     """The greedy evaluation of a tiny agent on :func:`tiny_env`'s test split, through DataParallel."""
     from grpo_tiny import make_agent
 
@@ -155,6 +155,15 @@ def sharded_evaluation() -> dict:
     dp_own.prepare_env(own)
     out["data_sharded"] = dp_own.data_sharded
     out["own_shard"] = dp_own.evaluate(agent, own, split="test")
+    # Two training steps in that layout: every process its own 2 prompts a step, gradients summed.
+    from llm_gym.algorithms.run.loop import finetune_llm_reasoning
+
+    before = [p.detach().clone() for p in agent._adapter_params()]
+    finetune_llm_reasoning([agent], own, max_steps=2, evo_steps=None, evaluation_interval=2, eval_problems=None,
+                           log_dir=f"{out_dir}/run", verbose=False, data_parallel=dp_own)  # fmt: skip
+    out["trained_prompts"] = dp_own.prompts
+    out["adapter_moved"] = max(float((p - b).abs().max()) for p, b in zip(agent._adapter_params(), before, strict=True))
+    out["adapter_after"] = [p.detach().clone() for p in agent._adapter_params()]
     return out
 
 
@@ -162,7 +171,7 @@ EVAL_WORKER = """
 import sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 from distributed_workers import sharded_evaluation
-out = sharded_evaluation()
+out = sharded_evaluation(sys.argv[1])
 torch.save(out, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """

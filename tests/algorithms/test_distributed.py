@@ -88,6 +88,11 @@ def test_a_sharded_evaluation_gathers_the_one_process_numbers(tmp_path):
         assert out["data_sharded"] is True
         for key, value in padded.items():
             assert out["own_shard"][key] == pytest.approx(value, abs=1e-6), key
+    # ... and trains in it: 2 steps of its own 2 prompts, the same adapter on both processes afterwards.
+    assert [out["trained_prompts"] for out in ranks] == [4, 4]
+    assert ranks[0]["adapter_moved"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["adapter_after"], ranks[1]["adapter_after"], strict=True))
+    assert (tmp_path / "run" / "metrics.csv").is_file()
     # Each process got its share of the training batch: prompt 0 on process 0, prompt 1 on process 1.
     whole = env.reset(reset_dataloaders=True)
     assert [torch.equal(p["input_ids"], q["input_ids"]) for p, q in zip(ranks[0]["prompts"], whole[0::2], strict=True)] == [True]
