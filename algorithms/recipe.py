@@ -84,7 +84,8 @@ class TrainConfig:
     """Validation problems: fitness (exact accuracy, ties broken by total reward) for evolution,
     disjoint from the training and test problems (hash split, ``llm_gym.problems``)."""
     prompts_per_step: int = 4
-    """Prompts per training step (``data_batch_size_per_gpu``)."""
+    """Prompts per training step (``data_batch_size_per_gpu``); with N processes (``accelerate launch``) the
+    step's prompts are shared out over them, so at least N (docs/distributed.md)."""
     group_size: int = 16
     """Completions per prompt."""
     max_output_tokens: int = 40
@@ -237,9 +238,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     Fitness is exact accuracy on the validation split (ties broken by total reward); the table
     compares the SFT start and the elite on the test split, which neither training nor selection reads.
 
+    Under ``accelerate launch`` / ``torchrun`` with N processes (:mod:`~llm_gym.algorithms.run.distributed`),
+    process 0 runs the SFT warm-up and writes every file; each step's ``prompts_per_step`` prompts
+    are shared out over the processes, and so is every evaluation.
+
     Returns:
         ``{"sft": test metrics, "elite": test metrics, "gain", "gain_se", "sft_validation",
-        "elite_validation", "elite_hyperparameters", "seconds", "run_dir"}``; the test metrics have
+        "elite_validation", "elite_hyperparameters", "seconds", "run_dir", "world_size",
+        "prompts_per_process"}``; the test metrics have
         ``accuracy``, ``accuracy_se`` and ``problems`` (see :mod:`~llm_gym.algorithms.run.report`).
 
     Raises:
@@ -249,6 +255,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     from peft import LoraConfig
 
     from llm_gym.algorithms.grpo.population import create_population
+    from llm_gym.algorithms.run.distributed import DataParallel, check_processes
     from llm_gym.algorithms.run.loop import close_agents
     from llm_gym.models import lora_target_modules
     from llm_gym.multi_turn import multi_turn_recipe
@@ -256,19 +263,29 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     point = check_run(config)  # before any work or write: a bad input leaves nothing behind
+    check_processes(config.prompts_per_step, config.train_size, multi_turn_recipe(config.task) is not None,
+                    config.dynamic_sampling)  # fmt: skip
+    dp = DataParallel.from_environment()  # one process, or this one's place among N (accelerate launch)
     run_dir = point.run_dir if point is not None else Path(config.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(dp.broadcast(str(run_dir)))  # process 0's clock names the folder
     finished = _finished_summary(run_dir, point, config)
     if finished is not None:
+        dp.close()
         return finished
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
-    (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
-
     multi_turn = multi_turn_recipe(config.task)  # None for single-turn tasks
-    model_path, tokenizer = sft_model(config, run_dir, point, multi_turn)
+    if dp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = dataclasses.asdict(config) | {"resume": None}  # the run's settings; resuming is not one of them
+        (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
+        model_path, tokenizer = sft_model(config, run_dir, point, multi_turn)
+    model_path = dp.broadcast(model_path if dp.is_main else None)  # the other processes wait for the warm-up
+    if not dp.is_main:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
     if multi_turn is None:
         env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                      validation_size=config.validation_size, seed=config.seed,
@@ -287,27 +304,30 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         dynamic_sampling=config.dynamic_sampling, max_refills=config.max_refills, seed=config.seed, **context,
     )  # fmt: skip
     try:
-        summary = _evolve_and_report(config, pop, env, multi_turn, point, run_dir, start)
+        summary = _evolve_and_report(config, pop, env, multi_turn, point, run_dir, start, dp)
+        if dp.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         close_agents(pop)  # every later agent is a clone sharing this backend: a vLLM engine is shut down either way
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        dp.close()
     return summary
 
 
 def _evolve_and_report(
     config: TrainConfig, pop: list[Any], env: Any, multi_turn: Any, point: ResumePoint | None, run_dir: Path,
-    start: float,
+    start: float, dp: Any,
 ) -> dict[str, Any]:
-    """The SFT start's evaluation, population GRPO with evolution, then the summary (``start``: the run's clock)."""
+    """The SFT start's evaluation, population GRPO with evolution, then the summary (``start``: the run's clock;
+    ``dp``: this process's :class:`~llm_gym.algorithms.run.distributed.DataParallel`)."""
     from llm_gym.algorithms.evolution.mutation import Mutations
     from llm_gym.algorithms.evolution.selection import TournamentSelection
-    from llm_gym.algorithms.rollout.rollout import evaluate
     from llm_gym.algorithms.run.loop import finetune_llm_reasoning
     from llm_gym.algorithms.run.report import build_summary
 
     # LoRA's B matrices start at zero: every agent is still exactly the SFT model here.
     # Fitness: exact accuracy on the validation split; a game env has none yet, so its held-out games' reward.
     fitness_split, fitness = ("validation", "accuracy") if multi_turn is None else ("test", "reward")
+    evaluate = dp.evaluate  # sharded over the processes and gathered; the plain evaluation in one process
     sft_eval = evaluate(pop[0], env, split="test")
     sft_validation = evaluate(pop[0], env, split=fitness_split) if multi_turn is None else sft_eval
     logger.info("SFT model on %d test problems: %s", config.test_size, sft_eval)
@@ -325,14 +345,16 @@ def _evolve_and_report(
         resume_from=str(point.checkpoint) if point else None,
         log_dir=str(run_dir), max_reward=1.0 if multi_turn is None else env.rubric.max_total, fitness=fitness,
         fitness_split=fitness_split, eval_problems=config.validation_size if multi_turn is None else None,
-        initial_eval=sft_validation, close_backends=False,  # the elite is evaluated below; run_training closes
+        initial_eval=sft_validation, data_parallel=dp,
+        close_backends=False,  # the elite is evaluated below; run_training closes
     )  # fmt: skip
     best = max(pop, key=lambda a: a.fitness[-1] if a.fitness else float("-inf"))
     if not best.fitness:
-        best.test(env, split=fitness_split, fitness=fitness)
+        dp.test(best, env, split=fitness_split, fitness=fitness)
     elite_validation = dict(best.last_eval)
     return build_summary(
         config.task, sft_eval, evaluate(best, env, split="test"), sft_validation=sft_validation,
         elite_validation=elite_validation, elite_hyperparameters=dataclasses.asdict(best.hps),
         sft_data=sft_data_line(config), seconds=time.perf_counter() - start, run_dir=str(run_dir),
+        world_size=dp.world_size, prompts_per_process=dp.prompts_per_process(),
     )  # fmt: skip

@@ -126,6 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:  # per-step metrics and evaluations of the run, without the libraries' debug noise
         logging.getLogger("llm_gym").setLevel(logging.INFO)
     summary = run_training(config)
+    if os.environ.get("RANK", "0") not in ("", "0"):  # data-parallel (accelerate launch): process 0 reports
+        return 0
     from llm_gym.algorithms.run.report import results_table
 
     n = int(summary["elite"].get("problems", 0))

@@ -108,6 +108,7 @@ class ReasoningGym:
         self._pending: dict[str, list[int] | None] = {name: None for name in self._data}
         self.last_scores: list[list[Score]] = []
         self.last_texts: list[list[str]] = []
+        self._batch_shard: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- data
     def _prepare(self, rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
@@ -252,8 +253,59 @@ class ReasoningGym:
 
     def _issue_batch(self) -> list[Prompt]:
         indices = self._next_indices()
+        if self._batch_shard is not None:  # every process draws the same batch and keeps its share
+            rank, world = self._batch_shard
+            indices = indices[rank::world]
         self._pending[self.split] = indices
         return self._prompts(indices)
+
+    @property
+    def batch_shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` set by :meth:`shard_batches`, or None (whole batches)."""
+        return self._batch_shard
+
+    def shard_batches(self, rank: int, world_size: int) -> None:
+        """Serve process ``rank`` of ``world_size`` its share of every batch: prompts ``rank::world_size``.
+
+        Data-parallel training (:mod:`~llm_gym.algorithms.run.distributed`) calls this on every
+        process: each holds all the data and draws the same batches in the same order (the data
+        position stays the same on every process, so one checkpoint resumes them all), and
+        ``reset``/``step``/``score`` then see only this process's prompts. ``num_problems`` and
+        ``num_batches`` still count the whole split. A batch shorter than ``world_size`` (the last
+        of a held-out split) leaves some processes an empty share (``reset`` returns ``[]``).
+
+        Unlike the ``accelerator`` argument (AgileRL's: every process its own shard of the data
+        and ``data_batch_size_per_gpu`` prompts per process), the batch size here is global.
+
+        Args:
+            rank: This process's rank, ``0 <= rank < world_size``.
+            world_size: Processes; 1 serves whole batches again.
+
+        Raises:
+            UsageError: When the batch size is below ``world_size`` (a process would get no prompt),
+                or the training split's last batch is (so a step would leave a process idle).
+        """
+        from llm_gym.usage import UsageError
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if world_size == 1:
+            self._batch_shard = None
+            return
+        if self.batch_size < world_size:
+            raise UsageError(
+                f"{world_size} processes need at least {world_size} prompts per step, got "
+                f"prompts_per_step (data_batch_size_per_gpu)={self.batch_size}: raise it to a multiple of "
+                f"{world_size}, or launch with --num_processes {self.batch_size}"
+            )
+        last = self.num_problems("train") % self.batch_size
+        if 0 < last < world_size:
+            raise UsageError(
+                f"the last training batch of each epoch has {last} prompts ({self.num_problems('train')} problems, "
+                f"{self.batch_size} per step), fewer than the {world_size} processes: make the training problems "
+                f"a multiple of {self.batch_size}"
+            )
+        self._batch_shard = (rank, world_size)
 
     # ----------------------------------------------------------------- API
     def reset(self, reset_dataloaders: bool = False) -> list[Prompt]:

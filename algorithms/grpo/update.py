@@ -9,6 +9,13 @@ are computed once up front. A non-finite loss or gradient norm skips that epoch'
 
 The rows may be single-turn completions or multi-turn trajectories: the action mask says which
 tokens the model generated (holes where the environment's tokens sit), and only those are trained.
+
+Data-parallel (several processes, :mod:`~llm_gym.algorithms.run.distributed`): each process holds
+its shard of the batch's prompts (whole groups, so advantages stay local). The normalisers (sequences
+and tokens of the batch) are summed over the processes first, so each process's loss is its share
+of the global-batch loss; the LoRA gradients are then summed over the processes before clipping and
+the optimizer step, which every process takes alike. The result is the one-process update on the
+global batch, up to float summation order.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import Tensor
 
 from llm_gym.algorithms.grpo.logps import completion_logps
 from llm_gym.algorithms.grpo.loss import LOSS_VARIANTS, group_advantages, grpo_loss
+from llm_gym.algorithms.plumbing.distributed import all_reduce_grads, all_reduce_sum, world_size
 from llm_gym.algorithms.plumbing.lora_swap import base_model_only, fused_lora
 from llm_gym.algorithms.rollout.completions import MiniBatch, mini_batches, pack_completions, select_rows
 
@@ -42,6 +50,7 @@ class UpdatePlan:
         ref: Reference log-probs per mini-batch (None when ``beta == 0``).
         old: Old-policy log-probs per mini-batch (None when ``update_epochs == 1``).
         metrics: Advantage metrics, completion length and the trained fraction of the rows.
+        global_rows: Rows trained on, summed over the data-parallel processes.
     """
 
     batches: list[MiniBatch]
@@ -50,6 +59,7 @@ class UpdatePlan:
     ref: list[Tensor | None]
     old: list[Tensor | None]
     metrics: dict[str, float]
+    global_rows: int = 0
 
 
 @dataclass
@@ -110,22 +120,24 @@ def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Ten
     advantages = advantages.reshape(-1)  # [B], prompt-major like the packed rows
     packed = pack_completions(completion_ids, action_masks, rewards.shape[1], agent.pad_token_id)
     # Normalisers count every sequence, trained on or not, so dropping rows below changes nothing.
-    total_seqs = packed.ids.shape[0]
-    total_tokens = max(int(packed.mask.sum()), 1)
+    local_seqs, local_tokens = packed.ids.shape[0], int(packed.mask.sum())
     metrics["completion/length_mean"] = float(packed.mask.sum(dim=1).float().mean())
     if hps.beta == 0:
         # With no KL term a zero advantage means a zero gradient: skip those rows' forward and
         # backward (groups whose rewards all tie). Their loss and clip fraction are exactly 0.
         trained = advantages != 0  # [B]
         packed, advantages = select_rows(packed, trained), advantages[trained]
-    metrics["grpo/trained_fraction"] = packed.ids.shape[0] / total_seqs
+    metrics["grpo/trained_fraction"] = packed.ids.shape[0] / local_seqs
+    # Data-parallel: the global batch's normalisers (one collective; plain values in one process).
+    seqs, tokens, rows = all_reduce_sum([local_seqs, local_tokens, packed.ids.shape[0]])
+    total_seqs, total_tokens = int(seqs), max(int(tokens), 1)
     batches = mini_batches(packed, hps.batch_size, agent.device) if packed.ids.shape[0] else []
     share = LOSS_VARIANTS[hps.loss_type].batch_share
     weights = [share(mb.ids.shape[0], mb.mask.sum().item(), total_seqs, total_tokens) for mb in batches]
     advs = [advantages[mb.rows].to(agent.device) for mb in batches]
     ref = frozen_logps(agent, batches, reference=True) if hps.beta > 0 else [None] * len(batches)
     old = frozen_logps(agent, batches, reference=False) if hps.update_epochs > 1 else [None] * len(batches)
-    return UpdatePlan(batches, weights, advs, ref, old, metrics)
+    return UpdatePlan(batches, weights, advs, ref, old, metrics, global_rows=int(rows))
 
 
 def _accumulate(agent: Any, plan: UpdatePlan, epoch: int, totals: EpochTotals) -> bool:
@@ -160,6 +172,12 @@ def _run_epochs(agent: Any, plan: UpdatePlan) -> EpochTotals:
         for epoch in range(agent.hps.update_epochs):
             agent.optimizer.zero_grad(set_to_none=True)
             finite = _accumulate(agent, plan, epoch, totals)
+            if world_size() > 1:
+                # Every process skips the epoch when one of them saw a non-finite loss, else they
+                # would diverge; then the global-batch gradient (each loss already carries its share).
+                finite = all_reduce_sum([0.0 if finite else 1.0])[0] == 0
+                if finite and plan.global_rows:
+                    all_reduce_grads(params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, agent.hps.max_grad_norm)) if finite else math.nan
             if not finite or not math.isfinite(grad_norm):
                 totals.skipped += 1

@@ -12,6 +12,10 @@ The loop reads top to bottom, once per training step::
 Every agent trains on the same prompts in a step, so fitness differences come from the agents,
 not from the batches they happened to draw.
 
+Under ``accelerate launch`` / ``torchrun`` with N processes every process holds every agent and takes
+its share of each batch; gradients, evaluations and metrics are gathered, and process 0 alone writes
+(:mod:`~llm_gym.algorithms.run.distributed`).
+
 Smoke runs: three environment variables cap ANY run, whatever its arguments, so that an unmodified
 user script (e.g. the AgileRL tutorial, which asks for a 4000-step epoch) can run end to end in CI.
 Each cap that takes effect is logged as a warning; unset (the default) means no cap.
@@ -39,8 +43,15 @@ from llm_gym.algorithms.evolution.lineage import merge_events
 from llm_gym.algorithms.grpo import dynamic
 from llm_gym.algorithms.rollout.rollout import Rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population, write_with_tokenizer
+from llm_gym.algorithms.run.distributed import DataParallel
 from llm_gym.algorithms.run.elites import EliteStore
-from llm_gym.algorithms.run.loggers import CompletionSampleLog, MetricLogger, cut_logs, make_logger
+from llm_gym.algorithms.run.loggers import (
+    CompletionSampleLog,
+    MetricLogger,
+    MultiLogger,
+    cut_logs,
+    make_logger,
+)
 from llm_gym.algorithms.run.plots import plot_learning_curve
 
 __all__ = ["RunState", "SMOKE_CAPS", "close_agents", "finetune_llm_reasoning"]
@@ -131,6 +142,7 @@ class _Run:
     fitness: str = "reward"
     fitness_split: str = "test"
     close_backends: bool = True
+    dp: DataParallel = field(default_factory=DataParallel)
 
     @property
     def evolve(self) -> bool:
@@ -145,8 +157,12 @@ class _Run:
             metrics = agent.learn(sampled.batch.experience) | sampled.metrics
             metrics.update({f"train/{k}": v for k, v in batch.metrics.items()})
             step_metrics.update({f"agent{slot}/{k}": float(v) for k, v in metrics.items()})
-            if self.sample_interval and step % self.sample_interval == 0:
+            if self.sample_interval and step % self.sample_interval == 0 and self.dp.is_main:
                 _log_samples(self.samples, self.env, agent, step, prompts, batch)
+        if self.dp.enabled:
+            logger.debug("process %d of %d: step %d on %d prompts", self.dp.rank, self.dp.world_size, step + 1,
+                         len(prompts))  # fmt: skip
+        step_metrics = self.dp.reduce_metrics(step_metrics, len(prompts) * len(self.pop))
         means = [step_metrics.get(f"agent{s}/train/reward/total", math.nan) for s in range(len(self.pop))]
         step_metrics["train/reward_mean"] = sum(means) / len(means)
         step_metrics["data/epoch"] = float(getattr(self.env, "num_epochs", 0))
@@ -159,8 +175,8 @@ class _Run:
     def evaluate(self, step: int, step_metrics: dict[str, float]) -> None:
         """Fitness of every agent, then evolution or the final elite, then the ``max_reward`` stop."""
         for agent in self.pop:
-            fitness = agent.test(self.env, max_problems=self.eval_problems, split=self.fitness_split,
-                                 fitness=self.fitness)  # fmt: skip
+            fitness = self.dp.test(agent, self.env, max_problems=self.eval_problems, split=self.fitness_split,
+                                   fitness=self.fitness)  # fmt: skip
             accuracy = agent.last_eval.get("accuracy", math.nan)
             self.state.records.append({"step": step, "agent": int(agent.index), "fitness": float(fitness),
                                        "accuracy": float(accuracy)})  # fmt: skip
@@ -177,6 +193,7 @@ class _Run:
             if elite not in self.pop and hasattr(elite, "release"):
                 elite.release()
             self.pop = self.mutation.mutation(self.pop)
+            self.dp.check_in_step(self.pop)  # the same decisions on every process (same fitness, same seeds)
             self.state.add_events(self.pop)
         elif self.elites is not None and step == self.max_steps:
             _save_elite(self.elites, max(self.pop, key=lambda a: a.fitness[-1]), step, self.env)
@@ -189,8 +206,13 @@ class _Run:
         """Write the whole population and the run state when a checkpoint is due."""
         if not self.checkpoint_path or (step % self.checkpoint_interval and step != self.max_steps):
             return
+        rank_rng = self.dp.rng_states()  # collective: every process's sampling RNG, so a resume continues each
+        if not self.dp.is_main:
+            return
         extra: dict[str, Any] = {"run": self.state.to_dict(), "run_dir": str(self.run_dir),
                                  "max_reward_reached": self.max_reward_reached}  # fmt: skip
+        if rank_rng is not None:
+            extra.update(world_size=self.dp.world_size, rank_rng=rank_rng)
         if self.evolve:
             extra.update(tournament=self.tournament.state_dict(), mutation=self.mutation.state_dict())
         save_population(Path(self.checkpoint_path) / "latest", self.pop, step=step, env=self.env, extra=extra)
@@ -268,17 +290,21 @@ def _check_arguments(
 
 
 def _resume(
-    resume_from: str | None, pop: list[Any], env: Any, evolve: bool, tournament: Any, mutation: Any, max_steps: int
+    resume_from: str | None, pop: list[Any], env: Any, evolve: bool, tournament: Any, mutation: Any, max_steps: int,
+    dp: DataParallel,
 ) -> tuple[int, RunState, str | None]:
     """Restore a checkpoint (``(step, run state, run folder)``), or start fresh at step 0."""
     if not resume_from:
         run = RunState()
         run.add_events(pop)
+        dp.sync_start(pop)
         return 0, run, None
     resume = Path(resume_from)
     if resume.name != "latest" and not (resume / "state.json").is_file():
         resume = resume / "latest"  # the checkpoint_path of a run (load_population repairs a killed write)
-    state = load_population(resume, pop, env=env)
+    with dp.main_first():  # process 0 repairs a write killed between its renames before the others read
+        state = load_population(resume, pop, env=env)
+    dp.sync_start(pop, state.get("rank_rng"))
     if evolve and state.get("tournament"):
         tournament.load_state_dict(state["tournament"])
         mutation.load_state_dict(state["mutation"])
@@ -325,6 +351,7 @@ def finetune_llm_reasoning(
     fitness_split: str = "test",
     initial_eval: dict[str, float] | None = None,
     close_backends: bool = True,
+    data_parallel: DataParallel | None = None,
 ) -> list[Any]:
     """Train a population of GRPO agents on a :class:`~llm_gym.reasoning_gym.ReasoningGym`.
 
@@ -347,8 +374,11 @@ def finetune_llm_reasoning(
         wandb_api_key: Logs in to W&B with this key when given.
         evaluation_interval: Training steps between held-out evaluations (fitness).
         max_reward: Stop once the best fitness reaches this.
-        verbose: Show a progress bar and log evaluations.
-        accelerator: Accepted for AgileRL compatibility (single process for now).
+        verbose: Show a progress bar and log evaluations (process 0 only).
+        accelerator: Accepted for AgileRL compatibility. Several processes are found from the
+            launcher's environment (``accelerate launch`` / ``torchrun``), with or without it: every
+            process holds every agent and takes its share of each batch; process 0 writes logs,
+            checkpoints and elites (:mod:`~llm_gym.algorithms.run.distributed`).
         max_steps: Training steps (one batch each); default: ``num_epochs`` epochs, or one epoch.
         num_epochs: Stop after this many passes over the training data.
         checkpoint_interval: Steps between population checkpoints; default ``evo_steps`` when
@@ -378,6 +408,9 @@ def finetune_llm_reasoning(
         close_backends: At the end (also on an error) close every agent's generation backend
             (:meth:`GRPO.close`: a vLLM engine and its GPU memory). False keeps the agents
             generating, e.g. for a final evaluation; then close them yourself.
+        data_parallel: This process's place among several
+            (:class:`~llm_gym.algorithms.run.distributed.DataParallel`; it counts the prompts each
+            process rolled out); default: found from the launcher's environment.
 
     Returns:
         The final population.
@@ -388,6 +421,8 @@ def finetune_llm_reasoning(
     """
     pop = list(pop)
     evolve = _check_arguments(pop, evaluation_interval, tournament, mutation, evo_steps)
+    dp = data_parallel if data_parallel is not None else DataParallel.from_environment()
+    dp.prepare_env(env, pop)
     if max_steps is None:
         batches = env.num_batches("train") if hasattr(env, "num_batches") else len(env)
         max_steps = batches * (num_epochs or 1)
@@ -398,28 +433,34 @@ def finetune_llm_reasoning(
     if checkpoint_interval is not None and checkpoint_interval < 1:
         raise ValueError(f"checkpoint_interval must be >= 1 or None, got {checkpoint_interval}")
 
-    start, state, saved_run_dir = _resume(resume_from, pop, env, evolve, tournament, mutation, max_steps)
+    start, state, saved_run_dir = _resume(resume_from, pop, env, evolve, tournament, mutation, max_steps, dp)
     if initial_eval is not None and start == 0:
         score = fitness_of(initial_eval, fitness, getattr(getattr(env, "rubric", None), "max_total", None))
         state.records.extend({"step": 0, "agent": int(a.index), "fitness": score,
                               "accuracy": float(initial_eval.get("accuracy", math.nan))} for a in pop)  # fmt: skip
-    run_dir = Path(log_dir or saved_run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if resume_from:
+    run_dir = Path(dp.broadcast(str(log_dir or saved_run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
+    if resume_from and dp.is_main:
         cut_logs(run_dir, start)  # steps after the checkpoint are trained and logged again
-    _wandb_login(wb, wandb_api_key)
+    if dp.is_main:
+        _wandb_login(wb, wandb_api_key)
+    if not dp.is_main:  # process 0 alone writes
+        loggers, save_elite = MultiLogger(()), False
     run = _Run(
         pop=pop, env=env, state=state, run_dir=run_dir, max_steps=max_steps, evaluation_interval=evaluation_interval,
-        eval_problems=eval_problems, max_reward=max_reward, verbose=verbose,
+        eval_problems=eval_problems, max_reward=max_reward,
         sink=loggers if loggers is not None else make_logger(run_dir, wb=wb, config={"population": len(pop)},
                                                              purge_step=start + 1 if resume_from else None),
         samples=CompletionSampleLog(run_dir / "completions.jsonl"), sample_interval=sample_interval,
         elites=EliteStore(elite_path or "checkpoints", keep=keep_elites) if save_elite else None,
         tournament=tournament if evolve else None, mutation=mutation if evolve else None,
         evo_steps=evo_steps if evolve else None, checkpoint_path=checkpoint_path, checkpoint_interval=checkpoint_interval,
-        fitness=fitness, fitness_split=fitness_split, close_backends=close_backends,
+        fitness=fitness, fitness_split=fitness_split, close_backends=close_backends, dp=dp,
+        verbose=verbose and dp.is_main,
     )  # fmt: skip
     run.loop(env.reset(reset_dataloaders=not resume_from and start == 0), start)
-    if state.records:
+    if dp.enabled:
+        logger.info("process %d of %d: rolled out %d training prompts", dp.rank, dp.world_size, dp.prompts)
+    if state.records and dp.is_main:
         by_accuracy = fitness == "accuracy"
         plot_learning_curve(
             state.records, run_dir / "learning_curve.png", events=state.events,
