@@ -21,7 +21,9 @@ step, group size and starting hyper-parameters:
 
 Both are measured on the seed's test split, which neither training nor selection reads: greedy
 exact accuracy with its standard error, and the gain over the SFT start. Generated tokens are
-summed from each run's ``metrics.csv``. Writes ``benchmarks/results/evolution.{json,md}``.
+summed from each run's ``metrics.csv``. With ``--runs-dir`` the run folders are kept, and a finished
+run found there is reused after the recipe's resume has checked that its settings are the arm's
+(so ``llm-gym train --seed S --output-dir DIR/evolution_sS`` counts as the evolution arm). Writes ``benchmarks/results/evolution.{json,md}``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,17 @@ def _arm(summary: dict[str, Any], config: Any) -> dict[str, Any]:
             "hyperparameters": summary.get("elite_hyperparameters")}  # fmt: skip
 
 
+def _run_arm(config: Any, run_dir: Path) -> dict[str, Any]:
+    """``run_training`` into ``run_dir``; a finished run already there is reused through the recipe's
+    resume, which refuses it (UsageError) unless its settings are ``config``'s."""
+    from llm_gym.algorithms.recipe import run_training
+
+    if (run_dir / "summary.json").is_file():
+        logger.info("reusing the finished run %s (its settings checked by resume)", run_dir)
+        return run_training(dataclasses.replace(config, resume=str(run_dir)))
+    return run_training(dataclasses.replace(config, output_dir=str(run_dir)))
+
+
 def run_seed(config: Any, out_dir: Path) -> dict[str, Any]:
     """The evolution arm (``config`` as it is), then the single agent with as many completions.
 
@@ -78,17 +91,13 @@ def run_seed(config: Any, out_dir: Path) -> dict[str, Any]:
     Returns:
         ``{"seed", "sft", "evolution", "single", "evolution_minus_single_points"}``.
     """
-    from llm_gym.algorithms.recipe import run_training
-
-    evo_config = dataclasses.replace(config, output_dir=str(out_dir / f"evolution_s{config.seed}"))
-    single_config = dataclasses.replace(config, population=1, max_steps=config.population * config.max_steps,
-                                        output_dir=str(out_dir / f"single_s{config.seed}"))  # fmt: skip
-    evolution = run_training(evo_config)
-    single = run_training(single_config)
+    single_config = dataclasses.replace(config, population=1, max_steps=config.population * config.max_steps)
+    evolution = _run_arm(config, out_dir / f"evolution_s{config.seed}")
+    single = _run_arm(single_config, out_dir / f"single_s{config.seed}")
     sft = evolution["sft"]
     return {"seed": config.seed, "sft": {"accuracy": sft["accuracy"], "accuracy_se": sft["accuracy_se"],
                                          "problems": sft["problems"]},
-            "evolution": _arm(evolution, evo_config), "single": _arm(single, single_config),
+            "evolution": _arm(evolution, config), "single": _arm(single, single_config),
             "evolution_minus_single_points": 100 * (evolution["elite"]["accuracy"] - single["elite"]["accuracy"])}  # fmt: skip
 
 
@@ -126,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="TrainConfig fields of both arms (values read as JSON), e.g. max_steps=100")
     parser.add_argument("--quick", action="store_true", help="smoke-run budgets; numbers mean nothing")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run folders here (default: temporary)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="keep the run folders here (default: temporary); a finished run found there with "
+                             "the same settings (evolution_s<seed>, single_s<seed>) is reused, not repeated")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.seeds < 1:

@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.grpo_step import step_flops
 from benchmarks.workload import Workload
+from llm_gym.usage import UsageError
 
 
 def test_step_flops_counts_each_prompt_once_and_three_update_passes():
@@ -61,6 +62,11 @@ def test_evolution_benchmark_quick_mode_gives_both_arms_the_same_completions(tmp
     assert (tmp_path / "runs" / "evolution_s0" / "summary.json").is_file()
     assert (tmp_path / "runs" / "single_s0" / "summary.json").is_file()
     assert "evolution minus single agent:" in (tmp_path / "evolution.md").read_text()
+    # the finished runs are reused (through the recipe's resume), not repeated; other settings are refused
+    again = main(["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert again["seeds"][0]["evolution"] == seed["evolution"] and again["seeds"][0]["single"] == seed["single"]
+    with pytest.raises(UsageError, match="lr=0.01 differs from the run's"):
+        main(["--quick", "--set", "lr=0.01", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
 
 
 def test_tictactoe_rates_and_targets_by_hand():
