@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
+from llm_gym.algorithms.rollout.decoding import accepts_logits_to_keep
 from llm_gym.env import build_problems
 from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate
@@ -44,6 +45,7 @@ __all__ = [
     "collate_rows",
     "example_row",
     "filter_rollouts",
+    "labelled_loss",
     "length_report",
     "oracle_examples",
     "tokenize_example",
@@ -339,6 +341,33 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def labelled_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], head_window: bool = True) -> torch.Tensor:
+    """:func:`completion_loss` of ``model`` on ``batch``, with the output head run only where it is scored.
+
+    Prompt positions need the model's hidden states (the completion attends to them) but not its
+    logits: with ``head_window`` the head runs from the first position that predicts a labelled
+    token to the end (``logits_to_keep``), about a fifth of a Countdown row, the same loss as the
+    full pass to float rounding and ~15 % less work per SFT step on the tiny model.
+
+    Args:
+        model: A causal LM (plain or PEFT); ``head_window`` needs its ``forward`` to take ``logits_to_keep``.
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` (``[B, L]``, -100 where not scored).
+        head_window: False computes every position's logits (models without ``logits_to_keep``).
+
+    Returns:
+        The scalar loss.
+    """
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    if not head_window or scored.numel() == 0:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
+        return completion_loss(logits, labels)
+    first = int(scored[0])  # position `first` predicts the first labelled token, at first + 1
+    keep = labels.shape[1] - first
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return completion_loss(logits, labels[:, first:])  # logits[:, j] predicts labels[:, first + j + 1]
+
+
 class BandStop:
     """A :func:`train_sft` callback that ends the warm-up once a held-out score reaches a band.
 
@@ -520,6 +549,7 @@ def train_sft(
 
         bar = tqdm(total=total, desc="sft")
     model.train()
+    head_window = accepts_logits_to_keep(model)
     start = time.perf_counter()
     for step, idx in enumerate(_batches(len(pairs), config.batch_size, total, rng)):
         batch, cut = collate_rows([pairs[i] for i in idx], pad_id, config.seq_len)
@@ -529,8 +559,7 @@ def train_sft(
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step, total)
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
-        loss = completion_loss(logits, batch["labels"])
+        loss = labelled_loss(model, batch, head_window=head_window)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm is not None:

@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.grpo_step import step_flops
 from benchmarks.workload import Workload
+from llm_gym.usage import UsageError
 
 
 def test_step_flops_counts_each_prompt_once_and_three_update_passes():
@@ -26,14 +27,13 @@ def test_seed_summary_by_hand():
     assert seed_summary([1.0, 2.0, 6.0]) == {"seeds": 3, "mean": 3.0, "se": pytest.approx(1.527525, abs=1e-6)}
 
 
-def test_token_counter_sums_every_agents_generated_tokens():
-    from benchmarks.evolution import TokenCounter
+def test_generated_tokens_sums_every_agents_tokens_from_metrics_csv(tmp_path):
+    from benchmarks.evolution import generated_tokens
 
-    counter = TokenCounter()
-    counter.log({"agent0/completion/generated_tokens": 10.0, "agent1/completion/generated_tokens": 5.0,
-                 "agent0/completion/length_mean": 3.0}, 1)  # fmt: skip
-    counter.log({"agent0/completion/generated_tokens": 2.0}, 2)
-    assert counter.tokens == 17.0
+    (tmp_path / "metrics.csv").write_text("step,key,value\n1,agent0/completion/generated_tokens,10\n"
+                                          "1,agent1/completion/generated_tokens,5\n1,agent0/completion/length_mean,3\n"
+                                          "2,agent0/completion/generated_tokens,2\n")  # fmt: skip
+    assert generated_tokens(tmp_path) == 17.0
 
 
 @pytest.mark.timeout(600)
@@ -49,15 +49,24 @@ def test_learning_benchmark_quick_mode_reports_gain_per_seed(tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_evolution_benchmark_quick_mode_matches_generated_tokens(tmp_path):
+def test_evolution_benchmark_quick_mode_gives_both_arms_the_same_completions(tmp_path, monkeypatch):
     from benchmarks.evolution import main
 
-    record = main(["--quick", "--no-cache", "--results-dir", str(tmp_path)])
+    monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
+    record = main(["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     (seed,) = record["seeds"]
-    evolution, single = seed["evolution"]["generated_tokens"], seed["single"]["generated_tokens"]
-    # The single agent stops at the first step that reaches the population's tokens: within one step.
-    assert evolution > 0 and evolution <= single <= evolution + 2 * 4 * 12
+    # quick: 2 agents x 2 steps vs 1 agent x 4 steps, each step 2 prompts x 4 completions of <= 12 tokens
+    assert seed["evolution"]["agents_x_steps"] == "2 x 2" and seed["single"]["agents_x_steps"] == "1 x 4"
+    for arm in ("evolution", "single"):
+        assert 0 < seed[arm]["generated_tokens"] <= 4 * 2 * 4 * 12
+    assert (tmp_path / "runs" / "evolution_s0" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "single_s0" / "summary.json").is_file()
     assert "evolution minus single agent:" in (tmp_path / "evolution.md").read_text()
+    # the finished runs are reused (through the recipe's resume), not repeated; other settings are refused
+    again = main(["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert again["seeds"][0]["evolution"] == seed["evolution"] and again["seeds"][0]["single"] == seed["single"]
+    with pytest.raises(UsageError, match="lr=0.01 differs from the run's"):
+        main(["--quick", "--set", "lr=0.01", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
 
 
 def test_tictactoe_rates_and_targets_by_hand():

@@ -82,6 +82,7 @@ def plot_learning_curve(
     if start:
         ax.axhline(max(start), ls=":", color="tab:grey", lw=1.2, label=f"start (step 0): {max(start):.3f}")
     labels_at: dict[tuple[int, float], int] = defaultdict(int)  # mutation labels already placed at a point
+    last_step = max((s for points in series.values() for s, _ in points), default=0)
 
     for event in events:
         kind, step, agent = event.get("event"), int(event.get("step", 0)), event.get("agent")
@@ -99,9 +100,12 @@ def plot_learning_curve(
                 # Stack the labels of one step (every mutated agent, often at the same point).
                 k = labels_at[(at[0], round(at[1], 9))]
                 labels_at[(at[0], round(at[1], 9))] += 1
+                # Near the right edge a label would run off the axes (into the legend): put it left of the point.
+                left = last_step > 0 and at[0] >= 0.85 * last_step
                 ax.annotate(
-                    f"a{agent} {event.get('hp', '')}", at, textcoords="offset points", xytext=(5, 6 + 10 * k),
-                    fontsize=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                    f"a{agent} {event.get('hp', '')}", at, textcoords="offset points",
+                    xytext=(-5 if left else 5, 6 + 10 * k), ha="right" if left else "left", fontsize=7,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                 )
     if max_fitness is not None:
         ax.axhline(max_fitness, ls=":", color="grey", lw=1.0)

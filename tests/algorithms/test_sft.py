@@ -265,3 +265,36 @@ def test_oracle_examples_take_a_teacher(tokenizer):
         trace = ref.completion.split(" </think>")[0].strip()
         a, op, b = __import__("re").match(r"(\d+)([-+*/])(\d+)=", trace.split(", ")[-1]).groups()
         assert ex.completion == f" {trace} </think>\n<answer>{a} {op} {b}</answer>"
+
+
+def test_labelled_loss_runs_the_head_on_the_scored_window_only_and_matches_the_full_pass():
+    from transformers import AutoModelForCausalLM
+
+    from llm_gym.algorithms.sft import labelled_loss
+    from llm_gym.tiny import tiny_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"))
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0  # a right-padded row
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 7:] = ids[0, 7:]  # completions of different starts; row 1 also scores an earlier turn
+    labels[1, 3:5], labels[1, 9:] = ids[1, 3:5], ids[1, 9:]
+    labels[2, 8:10] = ids[2, 8:10]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    fast = labelled_loss(model, batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = completion_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    full.backward()
+    hook.remove()
+    # the first scored token is at position 3 (row 1), predicted from position 2: the head sees 12 - 2 positions
+    assert seen == [10, 12]
+    assert fast.item() == pytest.approx(full.item(), abs=1e-6)
+    for g_fast, p in zip(fast_grads, model.parameters()):
+        assert torch.allclose(g_fast, p.grad, atol=1e-6)
+    assert labelled_loss(model, batch, head_window=False).item() == pytest.approx(full.item(), abs=1e-6)
