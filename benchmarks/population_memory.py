@@ -5,7 +5,8 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.population_memory [--preset small] [--sizes 1 2 4 8]
 
 Each N runs in a fresh process: load the base, build one agent, :meth:`GRPO.clone` it N - 1
-times (new adapters on the SAME base), then one ``get_action`` + ``learn`` step per agent. For
+times (new adapters on the SAME base), then one training step as the loop runs it: every agent's
+completions in one batched decode, then a ``learn`` per agent. For
 contrast, the same population with a deep copy of the base per agent (what cloning a whole
 model costs, AgileRL's approach) is measured too. Writes ``benchmarks/results/population_memory.{json,md}``.
 """
@@ -40,6 +41,7 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
         ``{"size", "copy_base", "base_rss_mib", "peak_rss_mib"}``.
     """
     from llm_gym.algorithms.grpo.agent import GRPO
+    from llm_gym.algorithms.rollout.population import population_generate
 
     work = Workload(preset=preset, max_new_tokens=tokens, threads=1)
     model, tok, _ = load(work)
@@ -53,8 +55,9 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
         else:
             agents.append(agents[0].clone(index=i))
     prompts = encode_prompts(tok, 4)
-    for agent in agents:
-        ids, masks = agent.get_action(prompts)
+    # The training loop's step: every agent's completions in one batched decode when they share the
+    # base (population_generate falls back to each agent's get_action for copied bases or one agent).
+    for agent, (ids, masks) in zip(agents, population_generate(agents, prompts), strict=True):
         agent.learn((ids, masks, torch.rand(len(prompts), 8)))
     return {"size": size, "copy_base": copy_base, "base_rss_mib": round(base_rss, 1),
             "peak_rss_mib": round(peak_rss_mib(), 1)}  # fmt: skip

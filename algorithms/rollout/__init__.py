@@ -3,7 +3,8 @@
 ``rollout.py`` (Rollout, rollout(), evaluate(): training, fitness and ``llm-gym eval`` share it),
 ``multi_turn.py`` (MultiTurnEnv and the turn loop), ``backend.py`` (protocol, SamplingConfig, BACKENDS),
 ``hf.py`` + ``decoding.py`` (the HF backend), ``vllm.py``, ``completions.py`` (tensor formats),
-``policies.py`` (oracle and plain-model policies).
+``policies.py`` (oracle and plain-model policies), ``population.py`` + ``population_decode.py`` (a
+population's generation and fitness as one batched decode: per-row LoRA over the shared base).
 
 Add a generation backend: a module with ``build(agent, config) -> GenerationBackend`` and one
 ``BackendSpec`` entry in ``backend.BACKENDS``. Add a multi-turn environment: a class with the members of

@@ -26,7 +26,11 @@ from torch import Tensor
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 from llm_gym.algorithms.rollout.hf import HFGenerationBackend
 from llm_gym.algorithms.rollout.multi_turn import MultiTurnEnv
-from llm_gym.algorithms.rollout.population_decode import DecodeRequest, decode_population, supports_row_adapters
+from llm_gym.algorithms.rollout.population_decode import (
+    DecodeRequest,
+    decode_population,
+    supports_row_adapters,
+)
 from llm_gym.algorithms.rollout.rollout import Rollout, evaluate_with, rollout
 
 __all__ = ["batched_population", "evaluate_population", "population_generate", "population_rollouts"]

@@ -3,8 +3,9 @@
 The loop reads top to bottom, once per training step::
 
     prompts (one batch, the same for every agent)
-      -> for each agent: rollout (generate -> score, :mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
-    every evaluation_interval steps: fitness = held-out evaluation (fixed test or validation problems, greedy)
+      -> every agent's completions in one batched decode (:mod:`~llm_gym.algorithms.rollout.population`)
+      -> for each agent: score (:mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
+    every evaluation_interval steps: fitness = held-out evaluation (fixed test or validation problems, greedy, batched)
     every evo_steps steps:           tournament selection -> save elite -> mutation
     every checkpoint_interval steps: whole-population checkpoint (atomic)
     -> next batch
