@@ -39,7 +39,15 @@ from llm_gym.algorithms.plumbing.lora_swap import _lora_layers, _swapped
 from llm_gym.algorithms.rollout.backend import SamplingConfig
 from llm_gym.algorithms.rollout.decoding import _sdpa_full_attention, accepts_logits_to_keep, next_tokens
 
-__all__ = ["DecodeRequest", "RowLoraLinear", "RowPlan", "decode_population", "row_adapters", "supports_row_adapters"]
+__all__ = [
+    "STACK_MAX_WEIGHTS",
+    "DecodeRequest",
+    "RowLoraLinear",
+    "RowPlan",
+    "decode_population",
+    "row_adapters",
+    "supports_row_adapters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ class RowPlan:
     """
 
     segments: list[tuple[int, int, int]] = field(default_factory=list)
+    _masks: dict[tuple[int, int, int, torch.dtype, torch.device], Tensor] = field(default_factory=dict, repr=False)
 
     def set_counts(self, counts: Sequence[int], adapter_of: Sequence[int]) -> None:
         """Set the runs from the rows of each request, in request order (rows are request-major).
@@ -67,14 +76,42 @@ class RowPlan:
             if count:
                 self.segments.append((adapter_of[request], start, start + count))
                 start += count
+        self._masks.clear()
+
+    def block_mask(self, per_row: int, slots: int, rank: int, like: Tensor) -> Tensor:
+        """``[rows * per_row, slots * rank]``: 1 where a token's row uses the adapter of that rank block, else 0.
+
+        Built once per plan (and token count, rank) and shared by every layer of that shape.
+        """
+        key = (per_row, slots, rank, like.dtype, like.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            rows = self.segments[-1][2] if self.segments else 0
+            mask = like.new_zeros((rows * per_row, slots * rank))
+            for slot, start, end in self.segments:
+                mask[start * per_row : end * per_row, slot * rank : (slot + 1) * rank] = 1
+            self._masks[key] = mask
+        return mask
+
+
+STACK_MAX_WEIGHTS = 1 << 16
+"""Layers with at most this many base weights run every adapter in one stacked product (see
+:class:`RowLoraLinear`): so small that each extra op's fixed cost (~5 us on CPU) outweighs the
+arithmetic spent on other adapters' blocks (e.g. the ``tiny`` preset's 64 x 64 ... 64 x 256 layers;
+the ``small`` preset's 512 x 512 layers use per-adapter runs)."""
 
 
 class RowLoraLinear(torch.nn.Module):
     """A LoRA ``Linear`` whose batch rows each use their own adapter (:class:`RowPlan`).
 
     ``out = base(x)`` for every row at once, then for each adapter's run of rows
-    ``out[rows] += scale * (x[rows] A^T) B^T`` with one ``addmm_``. Holds the wrapped layer's own base
-    layer and adapter weights (no copies). Rows whose adapter does not adapt this layer get the base.
+    ``out[rows] += scale * (x[rows] A^T) B^T`` with one ``addmm_`` (the adapter weights are the
+    layer's own, not copies). Rows whose adapter does not adapt this layer get the base.
+
+    Small layers (<= :data:`STACK_MAX_WEIGHTS` base weights) whose adapters all have one rank and the
+    base's dtype instead compute ``(x [A_1; ...; A_S]^T * mask) [s_1 B_1, ..., s_S B_S]^T`` for all rows
+    at once: three ops whatever the number of adapters, the mask keeping each row's own rank block
+    (the stacked copies are made once per swap, a few KiB for such layers).
 
     Args:
         layer: A plain PEFT LoRA ``Linear`` (no DoRA, no LoRA bias).
@@ -87,9 +124,20 @@ class RowLoraLinear(torch.nn.Module):
         self.base_layer = layer.base_layer
         self.plan = plan
         self.loras: list[tuple[Tensor, Tensor, float] | None] = [
-            (layer.lora_A[a].weight, layer.lora_B[a].weight, float(layer.scaling[a])) if a in layer.lora_A else None
+            (layer.lora_A[a].weight, layer.lora_B[a].weight.t(), float(layer.scaling[a])) if a in layer.lora_A else None
             for a in adapters
-        ]
+        ]  # (A [r, in], B^T [r, out] as a view, scale)
+        self.stacked: tuple[Tensor, Tensor, int] | None = None
+        weight = self.base_layer.weight
+        present = [lora for lora in self.loras if lora is not None]
+        if (
+            len(adapters) > 1 and len(present) == len(adapters) and weight.numel() <= STACK_MAX_WEIGHTS
+            and len({a.shape[0] for a, _, _ in present}) == 1 and all(a.dtype == weight.dtype for a, _, _ in present)
+        ):  # fmt: skip
+            with torch.no_grad():
+                self.stacked = (torch.cat([a for a, _, _ in present]),  # [S*r, in]
+                                torch.cat([bt * scale for _, bt, scale in present]),  # [S*r, out]
+                                present[0][0].shape[0])  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         """``base(x)`` plus each row's own adapter product; ``x`` is ``[B, T, in]`` (or ``[B, in]``)."""
@@ -98,20 +146,26 @@ class RowLoraLinear(torch.nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])  # [B*T, in], row-major: row b holds tokens b*T:(b+1)*T
         flat = out.view(-1, out.shape[-1])  # [B*T, out], a view: in-place adds land in out
         per_row = flat_x.shape[0] // rows  # T
+        if self.stacked is not None:
+            lora_a, lora_bt, rank = self.stacked
+            u = torch.nn.functional.linear(flat_x, lora_a)  # [B*T, S*r]
+            u.mul_(self.plan.block_mask(per_row, len(self.loras), rank, u))  # each token keeps its row's block
+            flat.addmm_(u, lora_bt)
+            return out
         for slot, start, end in self.plan.segments:
             lora = self.loras[slot]
             if lora is None:
                 continue
-            lora_a, lora_b, scale = lora
+            lora_a, lora_bt, scale = lora
             xs, target = flat_x[start * per_row : end * per_row], flat[start * per_row : end * per_row]
             if lora_a.dtype != x.dtype:
                 # PEFT's arithmetic for fp32 adapters over a bf16/fp16 base: product and sum in the
                 # adapter dtype, one cast back.
                 u = torch.nn.functional.linear(xs.to(lora_a.dtype), lora_a)  # [n, r]
-                target.copy_((target.to(lora_a.dtype) + torch.nn.functional.linear(u, lora_b) * scale).to(out.dtype))
+                target.copy_((target.to(lora_a.dtype) + (u @ lora_bt) * scale).to(out.dtype))
                 continue
             u = torch.nn.functional.linear(xs, lora_a)  # [n, r]
-            target.addmm_(u, lora_b.t(), alpha=scale)
+            target.addmm_(u, lora_bt, alpha=scale)
         return out
 
 

@@ -27,6 +27,16 @@ PROMPTS = [prompt([5, 6, 7, 8, 9]), prompt([8, 9]), prompt([10, 3, 4])]
 ADAPTERS = ("a0", "a1", "a2")
 
 
+@pytest.fixture(params=["stacked", "runs"])
+def row_mode(request, monkeypatch):
+    """Both ways a RowLoraLinear adds the adapters: stacked (small layers) and one run per adapter."""
+    import llm_gym.algorithms.rollout.population_decode as population_decode
+
+    if request.param == "runs":
+        monkeypatch.setattr(population_decode, "STACK_MAX_WEIGHTS", 0)
+    return request.param
+
+
 def _randomise_lora_b(model, seed: int, std: float = 0.1) -> None:
     """Give every adapter its own non-zero B, so the adapters (and hence the agents) differ."""
     gen = torch.Generator().manual_seed(seed)
@@ -62,13 +72,14 @@ def _up_to_first_eos(generated):
     return (is_eos.long().cumsum(1) - is_eos.long()) == 0  # True up to and including the first EOS
 
 
-def test_row_lora_linear_adds_each_rows_own_adapter():
+def test_row_lora_linear_adds_each_rows_own_adapter(row_mode):
     model = _three_adapter_model()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj  # a PEFT LoRA Linear, 32 -> 32
     from llm_gym.algorithms.rollout.population_decode import RowPlan
 
     plan = RowPlan()
     row = RowLoraLinear(layer, ["a2", "a0"], plan)
+    assert (row.stacked is not None) == (row_mode == "stacked")
     plan.set_counts([2, 1], adapter_of=[0, 1])  # rows 0-1: "a2", row 2: "a0"
     x = torch.randn(3, 4, 32)  # [B, T, in]
     with torch.no_grad():
@@ -86,7 +97,7 @@ def test_row_lora_linear_adds_each_rows_own_adapter():
     assert not torch.allclose(own("a2", x[2:]), own("a0", x[2:]), atol=1e-3)  # the adapters do differ
 
 
-def test_population_decode_logprobs_match_each_agents_own_model_to_1e5():
+def test_population_decode_logprobs_match_each_agents_own_model_to_1e5(row_mode):
     model = _three_adapter_model()
     ids, attention, _ = left_pad(PROMPTS, EOS)
     requests = [  # sampling settings differ between agents, as evolved genes do
@@ -108,7 +119,7 @@ def test_population_decode_logprobs_match_each_agents_own_model_to_1e5():
         assert (lp[~valid] == 0).all()  # nothing recorded after a row's end
 
 
-def test_greedy_population_decode_gives_each_adapters_single_agent_tokens():
+def test_greedy_population_decode_gives_each_adapters_single_agent_tokens(row_mode):
     model = _three_adapter_model()
     ids, attention, _ = left_pad(PROMPTS, EOS)
     budgets = {"a0": 7, "a1": 4, "a2": 10}
