@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", default=["shared", "copy"], choices=["shared", "copy"],
+                        help="shared base (adapters of one model) and/or a deep copy of the base per agent")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("\n" + json.dumps(measure(size, args.preset, copy_base, args.tokens)) + "\n")
         return 0
     rows = []
-    for mode in ("shared", "copy"):
+    for mode in args.modes:
         for size in args.sizes:
             cmd = [sys.executable, "-m", "benchmarks.population_memory", "--preset", args.preset,
                    "--tokens", str(args.tokens), "--worker", str(size), mode]  # fmt: skip
@@ -96,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for mode in (False, True):
             r = next((r for r in rows if r["size"] == size and r["copy_base"] == mode), None)
-            cells += ["n/a", ""] if r is None else [f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / one[mode]:.2f}x"]
+            if r is None or mode not in one:
+                cells += ["n/a", ""]
+            else:
+                cells += [f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / one[mode]:.2f}x"]
         table.append(f"| {size} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "population_memory.json").write_text(json.dumps(rows, indent=1))
