@@ -308,10 +308,13 @@ def decode_population(
         # Each prompt row becomes G_i rows (its agent's group), keeping the request-major order.
         repeats = torch.tensor([g for p, g in zip(prompts, groups, strict=True) for _ in range(p)], device=device)
         expand = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=device), repeats)  # [N]
+        if preallocate_cache:
+            # Size the buffers while the cache holds one row per prompt: the expansion below then writes
+            # straight into [N, H, capacity, D] buffers, with no [N, H, W, D] copy alive at the same time
+            # (at 8 agents x 32 rows of the small preset that copy alone was ~370 MB).
+            preallocate(cache, width + steps)
         cache.batch_select_indices(expand)
         logits, attention, position = logits[expand], attention[expand], positions[expand, -1:]
-        if preallocate_cache:
-            preallocate(cache, width + steps)
         counts = [p * g for p, g in zip(prompts, groups, strict=True)]
         rows = sum(counts)
         row_slot = torch.repeat_interleave(torch.arange(slots, device=device), torch.tensor(counts, device=device))
