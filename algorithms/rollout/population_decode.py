@@ -96,7 +96,7 @@ class RowPlan:
 
 STACK_MAX_WEIGHTS = 1 << 16
 """Layers with at most this many base weights run every adapter in one stacked product (see
-:class:`RowLoraLinear`): so small that each extra op's fixed cost (~5 us on CPU) outweighs the
+:class:`RowLoraLinear`): so small that each extra op's fixed cost (microseconds on CPU) outweighs the
 arithmetic spent on other adapters' blocks (e.g. the ``tiny`` preset's 64 x 64 ... 64 x 256 layers;
 the ``small`` preset's 512 x 512 layers use per-adapter runs)."""
 

@@ -157,10 +157,20 @@ def _population(size=3, **kwargs):
     return agents
 
 
-def test_population_generate_equals_each_agents_get_action_when_greedy():
+def test_chunks_group_consecutive_agents_up_to_the_row_cap():
+    from llm_gym.algorithms.rollout.population import _chunks
+
+    # rows 32, 32, 96, 200, 8: 32 + 32 fit 64; 96 alone (32 + 32 + 96 > 128? with cap 128: 64 + 96 = 160 > 128)
+    assert _chunks([32, 32, 96, 200, 8], 128) == [[0, 1], [2], [3], [4]]
+    assert _chunks([32, 32, 32, 32, 32], 128) == [[0, 1, 2, 3], [4]]
+    assert _chunks([32, 32, 96], None) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("max_rows", [None, 6, 3])  # 3 prompts x 1 greedy row: all together, 2 + 1, 1 + 1 + 1
+def test_population_generate_equals_each_agents_get_action_when_greedy(max_rows):
     agents = _population()
     assert batched_population(agents)
-    together = population_generate(agents, PROMPTS, training=False)
+    together = population_generate(agents, PROMPTS, training=False, max_rows=max_rows)
     for agent, (ids, masks) in zip(agents, together, strict=True):
         alone_ids, alone_masks = agent.get_action(PROMPTS, training=False)
         for a, b in zip(ids, alone_ids, strict=True):
