@@ -11,7 +11,7 @@ The folders are the architecture; dependencies point one way,
       loss.py        advantages, LOSS_VARIANTS (surrogate + normaliser + batch share), grpo_loss
       logps.py       completion log-probs (prompt forward shared by its group), chunked log-softmax
       checkpoint.py  an agent's files: PEFT adapter, llm_gym_agent.json, optimizer.pt
-      population.py  create_population: N agents on one base
+      population.py  create_population: N agents on one base; population_fitness: batched held-out eval
     rollout/     prompts -> scored completions
       rollout.py     Rollout, rollout() and evaluate(): one path for training, fitness and llm-gym eval
       multi_turn.py  MultiTurnEnv protocol, the batched generate -> env step turn loop, play_held_out
@@ -20,6 +20,7 @@ The folders are the architecture; dependencies point one way,
       hf.py, vllm.py the "hf" (training model, CPU default) and "vllm" backends
       vllm_server.py the "vllm-server" backend (a `vllm serve` over HTTP, LoRA adapters loaded by name)
       decoding.py    the lean decoding loop of the HF backend
+      population.py, population_decode.py  a population's generation / fitness in one decode (per-row LoRA)
       completions.py padding, per-prompt completions, packing into mini-batches
       policies.py    OraclePolicy, ModelPolicy (policies that are not agents)
     evolution/   genes.py (RLParameter, HyperparameterConfig), selection.py (TournamentSelection),

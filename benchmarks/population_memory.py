@@ -5,7 +5,8 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.population_memory [--preset small] [--sizes 1 2 4 8]
 
 Each N runs in a fresh process: load the base, build one agent, :meth:`GRPO.clone` it N - 1
-times (new adapters on the SAME base), then one ``get_action`` + ``learn`` step per agent. For
+times (new adapters on the SAME base), then one training step as the loop runs it: every agent's
+completions in one batched decode, then a ``learn`` per agent. For
 contrast, the same population with a deep copy of the base per agent (what cloning a whole
 model costs, AgileRL's approach) is measured too. Writes ``benchmarks/results/population_memory.{json,md}``.
 """
@@ -40,6 +41,7 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
         ``{"size", "copy_base", "base_rss_mib", "peak_rss_mib"}``.
     """
     from llm_gym.algorithms.grpo.agent import GRPO
+    from llm_gym.algorithms.rollout.population import population_generate
 
     work = Workload(preset=preset, max_new_tokens=tokens, threads=1)
     model, tok, _ = load(work)
@@ -53,8 +55,9 @@ def measure(size: int, preset: str, copy_base: bool, tokens: int) -> dict[str, A
         else:
             agents.append(agents[0].clone(index=i))
     prompts = encode_prompts(tok, 4)
-    for agent in agents:
-        ids, masks = agent.get_action(prompts)
+    # The training loop's step: every agent's completions in one batched decode when they share the
+    # base (population_generate falls back to each agent's get_action for copied bases or one agent).
+    for agent, (ids, masks) in zip(agents, population_generate(agents, prompts), strict=True):
         agent.learn((ids, masks, torch.rand(len(prompts), 8)))
     return {"size": size, "copy_base": copy_base, "base_rss_mib": round(base_rss, 1),
             "peak_rss_mib": round(peak_rss_mib(), 1)}  # fmt: skip
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", default=["shared", "copy"], choices=["shared", "copy"],
+                        help="shared base (adapters of one model) and/or a deep copy of the base per agent")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("\n" + json.dumps(measure(size, args.preset, copy_base, args.tokens)) + "\n")
         return 0
     rows = []
-    for mode in ("shared", "copy"):
+    for mode in args.modes:
         for size in args.sizes:
             cmd = [sys.executable, "-m", "benchmarks.population_memory", "--preset", args.preset,
                    "--tokens", str(args.tokens), "--worker", str(size), mode]  # fmt: skip
@@ -93,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for mode in (False, True):
             r = next((r for r in rows if r["size"] == size and r["copy_base"] == mode), None)
-            cells += ["n/a", ""] if r is None else [f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / one[mode]:.2f}x"]
+            if r is None or mode not in one:
+                cells += ["n/a", ""]
+            else:
+                cells += [f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / one[mode]:.2f}x"]
         table.append(f"| {size} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "population_memory.json").write_text(json.dumps(rows, indent=1))

@@ -83,3 +83,20 @@ def test_tictactoe_rates_and_targets_by_hand():
     met = targets({"rl": rates, "sft": worse, "teacher": worse})
     assert met == {"optimal_draw_or_win >= 0.90": True, "random_win >= 0.80": True, "invalid_games <= 0.02": False,
                    "above SFT start": True, "above the teacher": True}
+
+
+@pytest.mark.timeout(600)
+def test_population_step_benchmark_prints_a_table_then_its_json_last(capsys):
+    import json
+
+    from benchmarks.population_step import main
+
+    summary = main(["--agents", "2", "--preset", "tiny", "--tokens", "4", "--rounds", "1", "--sequential"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    assert {"agents": 2, "preset": "tiny", "tokens": 4}.items() <= summary.items()
+    assert summary["ratio"] == pytest.approx(summary["population_s"] / summary["single_s"], abs=1e-3)
+    # Each agent gets the single agent's workload: 4 prompts x 8 completions of at most 4 tokens.
+    assert 0 < summary["single_tokens"] <= 4 * 8 * 4 and 0 < summary["population_tokens"] <= 2 * 4 * 8 * 4
+    assert any(line.startswith("| population | 2 |") for line in lines)
+    assert any(line.startswith("| sequential | 2 |") for line in lines)

@@ -266,6 +266,29 @@ class GRPO:
         Raises:
             ValueError: On malformed prompts, or a prompt that fills ``max_model_len`` alone.
         """
+        sampling = self.prepare_generation(prompts, training, group_size)
+        out = self.backend.generate(prompts, sampling, adapter_name=self.adapter_name)
+        return out.completion_ids, out.action_masks
+
+    def prepare_generation(
+        self, prompts: Sequence[dict[str, Any]], training: bool = True, group_size: int | None = None
+    ) -> SamplingConfig:
+        """Activate this agent's adapter, sync its backend if needed, and return its decoding settings.
+
+        What :meth:`get_action` does before generating; a population's batched decode
+        (:mod:`~llm_gym.algorithms.rollout.population`) calls it for every agent.
+
+        Args:
+            prompts: The prompts about to be decoded (their longest length sets the budget).
+            training: Sample with the agent's settings (True) or decode greedily.
+            group_size: Completions per prompt; default ``group_size`` when training, else 1.
+
+        Returns:
+            The :class:`SamplingConfig`.
+
+        Raises:
+            ValueError: On no prompts, or a prompt that fills ``max_model_len`` alone.
+        """
         self._activate()
         if not prompts:
             raise ValueError("got no prompts: pass the list that env.reset() / env.step() returned")
@@ -279,8 +302,7 @@ class GRPO:
         if self._weights_dirty:
             self.backend.sync(self)
             self._weights_dirty = False
-        out = self.backend.generate(prompts, sampling, adapter_name=self.adapter_name)
-        return out.completion_ids, out.action_masks
+        return sampling
 
     def _budget(self, prompt_len: int) -> int:
         requested = self.hps.max_output_tokens

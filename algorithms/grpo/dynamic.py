@@ -96,7 +96,7 @@ class Sampled:
     metrics: dict[str, float]
 
 
-def sample(agent: Any, env: Any, prompts: Sequence[dict[str, Any]]) -> Sampled:
+def sample(agent: Any, env: Any, prompts: Sequence[dict[str, Any]], first: Rollout | None = None) -> Sampled:
     """Roll ``agent`` out on ``prompts``; with dynamic sampling, drop zero-variance groups and refill.
 
     The target is ``len(prompts)`` informative groups. Each refill draws one more training batch of
@@ -106,11 +106,15 @@ def sample(agent: Any, env: Any, prompts: Sequence[dict[str, Any]]) -> Sampled:
         agent: A GRPO agent (reads ``hps.dynamic_sampling`` and ``hps.max_refills``).
         env: The batched environment whose pending batch ``prompts`` is.
         prompts: The step's prompts (shared by every agent of the population).
+        first: The agent's rollout of ``prompts`` when it was already made (a population's batched
+            decode, :func:`~llm_gym.algorithms.rollout.population.population_rollouts`); None rolls
+            the agent out here. Refills are always the agent's own.
 
     Returns:
         The :class:`Sampled` batch.
     """
-    first = rollout(agent, env, prompts)
+    if first is None:
+        first = rollout(agent, env, prompts)
     hps = agent.hps
     if not getattr(hps, "dynamic_sampling", False):
         return Sampled(first, first, {"completion/generated_tokens": _generated_tokens(first)})

@@ -3,16 +3,20 @@
 Every agent of a population is a LoRA adapter of the SAME PEFT model (``peft_model.add_adapter``):
 the base weights are held once, whatever the population size. An agent's clone copies adapter
 tensors and optimizer state only (:func:`~llm_gym.algorithms.grpo.model.copy_adapter`). Saving and restoring a whole population is
-the run's business (:mod:`llm_gym.algorithms.run.checkpoints`).
+the run's business (:mod:`llm_gym.algorithms.run.checkpoints`). Generation and held-out evaluation of the
+whole population run as one batched decode (:mod:`~llm_gym.algorithms.rollout.population`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from llm_gym.algorithms.evolution.fitness import fitness_of
 from llm_gym.algorithms.grpo.agent import GRPO
+from llm_gym.algorithms.rollout.population import batched_population, evaluate_population
 
-__all__ = ["create_population"]
+__all__ = ["create_population", "population_fitness"]
 
 
 def create_population(size: int, **grpo_kwargs: Any) -> list[GRPO]:
@@ -39,3 +43,33 @@ def create_population(size: int, **grpo_kwargs: Any) -> list[GRPO]:
         raise ValueError(f"a population needs at least one agent, got size={size}")
     first = GRPO(**{**grpo_kwargs, "adapter_name": "agent0", "index": 0})
     return [first] + [first.clone(index=i, adapter_name=f"agent{i}") for i in range(1, size)]
+
+
+def population_fitness(
+    pop: Sequence[Any], env: Any, max_problems: int | None = None, *, split: str = "test", fitness: str = "reward"
+) -> list[float]:
+    """Every agent's :meth:`GRPO.test <llm_gym.algorithms.grpo.agent.GRPO.test>`, with each batch of
+    problems decoded for all agents at once (:func:`~llm_gym.algorithms.rollout.population.evaluate_population`).
+
+    Sets each agent's ``last_eval`` and appends to its ``fitness``, as ``test`` does; agents that
+    cannot be batched (:func:`~llm_gym.algorithms.rollout.population.batched_population`) run their own ``test``.
+
+    Args:
+        pop: The agents.
+        env: As in ``GRPO.test``.
+        max_problems: As in ``GRPO.test``.
+        split: As in ``GRPO.test``.
+        fitness: As in ``GRPO.test``.
+
+    Returns:
+        The fitness of each agent, in order.
+    """
+    if not batched_population(pop):
+        return [agent.test(env, max_problems=max_problems, split=split, fitness=fitness) for agent in pop]
+    max_total = getattr(getattr(env, "rubric", None), "max_total", None)
+    scores = []
+    for agent, metrics in zip(pop, evaluate_population(pop, env, max_problems, split=split), strict=True):
+        agent.last_eval = metrics
+        agent.fitness.append(fitness_of(metrics, fitness, max_total))
+        scores.append(agent.fitness[-1])
+    return scores

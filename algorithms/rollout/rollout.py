@@ -18,7 +18,7 @@ per prompt a ``[G, L + C]`` id tensor and its action mask (a GRPO agent, :class:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,7 +28,7 @@ from llm_gym.algorithms.rollout.multi_turn import MultiTurnEnv, run_episodes
 from llm_gym.rollout_record import RolloutRecord, scored_record
 from llm_gym.rubric import Score
 
-__all__ = ["Policy", "Rollout", "batch_records", "evaluate", "rollout"]
+__all__ = ["Policy", "Rollout", "batch_records", "evaluate", "evaluate_with", "rollout"]
 
 
 @runtime_checkable
@@ -159,24 +159,58 @@ def evaluate(
     Returns:
         The metrics of the module docstring, ``problems`` included.
     """
+    def roll(prompts: Sequence[dict[str, Any]]) -> list[Rollout]:
+        return [rollout(policy, env, prompts, training=not greedy)]
+
+    return evaluate_with(env, roll, 1, max_problems, split=split, records=records)[0]
+
+
+def evaluate_with(
+    env: Any,
+    roll: Callable[[Sequence[dict[str, Any]]], list[Rollout]],
+    count: int,
+    max_problems: int | None = None,
+    *,
+    split: str = "test",
+    records: list[RolloutRecord] | None = None,
+) -> list[dict[str, float]]:
+    """The loop of :func:`evaluate` for ``count`` policies rolled out together on each batch.
+
+    Args:
+        env: As in :func:`evaluate`.
+        roll: Scores the env's pending batch for every policy: ``prompts -> [Rollout] * count``
+            (e.g. a population's batched decode, :mod:`~llm_gym.algorithms.rollout.population`).
+        count: How many policies ``roll`` answers for.
+        max_problems: As in :func:`evaluate`.
+        split: As in :func:`evaluate`.
+        records: As in :func:`evaluate`: the first policy's scored completions (single-turn env).
+
+    Returns:
+        Per policy, the metrics of :func:`evaluate`.
+    """
     total = env.num_problems(split)
     if max_problems is not None:
         total = min(total, max_problems)
-    sums: dict[str, float] = {}
+    sums: list[dict[str, float]] = [{} for _ in range(count)]
     seen = 0
     with env.eval_mode() if split == "test" else env.eval_mode(split):  # a multi-turn env takes no split
         prompts = env.reset(reset_dataloaders=True)
         while True:
             problems = env.pending_problems() if records is not None else None
-            batch = rollout(policy, env, prompts, training=not greedy)
+            batches = roll(prompts)
             if problems is not None:
-                records.extend(batch_records(batch, env, problems, seen))
-            seen += batch.num_prompts
-            for key, value in batch.metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * (1.0 if key == "reward/failures" else batch.num_prompts)
+                records.extend(batch_records(batches[0], env, problems, seen))
+            seen += batches[0].num_prompts
+            for batch, total_of in zip(batches, sums, strict=True):
+                for key, value in batch.metrics.items():
+                    weight = 1.0 if key == "reward/failures" else batch.num_prompts
+                    total_of[key] = total_of.get(key, 0.0) + value * weight
             if seen >= total:
                 break
             prompts = env.reset()
-    metrics = {k: (v if k == "reward/failures" else v / seen) for k, v in sums.items()}
-    metrics["problems"] = float(seen)
-    return metrics
+    out = []
+    for total_of in sums:
+        metrics = {k: (v if k == "reward/failures" else v / seen) for k, v in total_of.items()}
+        metrics["problems"] = float(seen)
+        out.append(metrics)
+    return out

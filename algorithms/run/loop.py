@@ -3,8 +3,9 @@
 The loop reads top to bottom, once per training step::
 
     prompts (one batch, the same for every agent)
-      -> for each agent: rollout (generate -> score, :mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
-    every evaluation_interval steps: fitness = held-out evaluation (fixed test or validation problems, greedy)
+      -> every agent's completions in one batched decode (:mod:`~llm_gym.algorithms.rollout.population`)
+      -> for each agent: score (:mod:`~llm_gym.algorithms.rollout.rollout`) -> learn -> log
+    every evaluation_interval steps: fitness = held-out evaluation (fixed test or validation problems, greedy, batched)
     every evo_steps steps:           tournament selection -> save elite -> mutation
     every checkpoint_interval steps: whole-population checkpoint (atomic)
     -> next batch
@@ -41,6 +42,8 @@ from typing import Any
 from llm_gym.algorithms.evolution.fitness import fitness_of
 from llm_gym.algorithms.evolution.lineage import merge_events
 from llm_gym.algorithms.grpo import dynamic
+from llm_gym.algorithms.grpo.population import population_fitness
+from llm_gym.algorithms.rollout.population import population_rollouts
 from llm_gym.algorithms.rollout.rollout import Rollout
 from llm_gym.algorithms.run.checkpoints import load_population, save_population, write_with_tokenizer
 from llm_gym.algorithms.run.distributed import DataParallel
@@ -151,8 +154,11 @@ class _Run:
     def train(self, prompts: Any, step: int) -> dict[str, float]:
         """Every agent: rollout on ``prompts`` -> learn; returns the step's metrics (``agent<slot>/...``)."""
         step_metrics: dict[str, float] = {}
+        # Every agent's completions in one batched decode when they share the model (None: one by one).
+        firsts = population_rollouts(self.pop, self.env, prompts)
         for slot, agent in enumerate(self.pop):
-            sampled = dynamic.sample(agent, self.env, prompts)  # a rollout; refilled with dynamic sampling
+            first = None if firsts is None else firsts[slot]
+            sampled = dynamic.sample(agent, self.env, prompts, first)  # a rollout; refilled with dynamic sampling
             batch = sampled.first
             metrics = agent.learn(sampled.batch.experience) | sampled.metrics
             metrics.update({f"train/{k}": v for k, v in batch.metrics.items()})
@@ -174,9 +180,13 @@ class _Run:
 
     def evaluate(self, step: int, step_metrics: dict[str, float]) -> None:
         """Fitness of every agent, then evolution or the final elite, then the ``max_reward`` stop."""
-        for agent in self.pop:
-            fitness = self.dp.test(agent, self.env, max_problems=self.eval_problems, split=self.fitness_split,
-                                   fitness=self.fitness)  # fmt: skip
+        if self.dp.enabled:  # each agent's evaluation sharded over the processes and gathered
+            scores = [self.dp.test(agent, self.env, max_problems=self.eval_problems, split=self.fitness_split,
+                                   fitness=self.fitness) for agent in self.pop]  # fmt: skip
+        else:  # each agent's test, decoded together
+            scores = population_fitness(self.pop, self.env, self.eval_problems, split=self.fitness_split,
+                                        fitness=self.fitness)  # fmt: skip
+        for agent, fitness in zip(self.pop, scores, strict=True):
             accuracy = agent.last_eval.get("accuracy", math.nan)
             self.state.records.append({"step": step, "agent": int(agent.index), "fitness": float(fitness),
                                        "accuracy": float(accuracy)})  # fmt: skip

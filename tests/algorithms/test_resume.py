@@ -42,12 +42,18 @@ lr: 0.001
 FAKE_EVALUATE = textwrap.dedent('''
     import llm_gym.algorithms.grpo.agent as agent_module
     import llm_gym.algorithms.rollout.rollout as rollout_module
+    import llm_gym.algorithms.grpo.population as population_module
 
     def adapter_evaluate(agent, env, max_problems=None, **kwargs):
         """Metrics that tell agents apart (see the module docstring)."""
         return {"reward/total": (agent.index + 1000 * agent.hps.lr) / 100, "accuracy": 0.0, "problems": 4.0}
 
+    def population_evaluate(agents, env, max_problems=None, **kwargs):
+        """The population's batched evaluation, by agent as above."""
+        return [adapter_evaluate(agent, env) for agent in agents]
+
     agent_module.evaluate = rollout_module.evaluate = adapter_evaluate
+    population_module.evaluate_population = population_evaluate
 ''')
 
 KILL_AFTER_LAST_CHECKPOINT = FAKE_EVALUATE + textwrap.dedent('''
@@ -72,12 +78,19 @@ def adapter_evaluate(monkeypatch, tmp_path):
     """Evaluation by agent (see the module docstring), and a private SFT cache."""
     monkeypatch.setenv("LLM_GYM_CACHE", str(tmp_path / "cache"))
     namespace: dict = {}
-    exec(FAKE_EVALUATE.replace("agent_module.evaluate = rollout_module.evaluate = adapter_evaluate", ""), namespace)  # noqa: S102
+    patches = ("agent_module.evaluate = rollout_module.evaluate = adapter_evaluate",
+               "population_module.evaluate_population = population_evaluate")  # fmt: skip
+    source = FAKE_EVALUATE
+    for line in patches:
+        source = source.replace(line, "")
+    exec(source, namespace)  # noqa: S102
     import llm_gym.algorithms.grpo.agent as agent_module
+    import llm_gym.algorithms.grpo.population as population_module
     import llm_gym.algorithms.rollout.rollout as rollout_module
 
     monkeypatch.setattr(agent_module, "evaluate", namespace["adapter_evaluate"])
     monkeypatch.setattr(rollout_module, "evaluate", namespace["adapter_evaluate"])
+    monkeypatch.setattr(population_module, "evaluate_population", namespace["population_evaluate"])
 
 
 def _same_numbers(a: dict, b: dict) -> None:

@@ -108,10 +108,12 @@ def test_population_run_evaluates_evolves_saves_elites_and_logs(model_path, toke
     )  # fmt: skip
 
     assert any("wandb is not installed" in r.message for r in caplog.records)  # warned, and the run completed
-    # Fitness: at steps 2, 4, 6, each of the 3 agents scored the same 4 test problems (2 batches of 2).
+    # Fitness: at steps 2, 4, 6, each of the 3 agents scored the same 4 test problems (2 batches of 2);
+    # the population is decoded together, so the 3 agents answer batch 1, then all 3 answer batch 2.
     evals = [problems for is_eval, problems in eval_batches if is_eval]
     assert len(evals) == 3 * 3 * 2
-    assert all(evals[k] == evals[k % 2] for k in range(len(evals)))
+    assert evals[0] != evals[3]
+    assert evals == ([evals[0]] * 3 + [evals[3]] * 3) * 3
     metrics = read_csv_metrics(tmp_path / "run" / "metrics.csv")
     assert [s for s, _ in metrics["evo/fitness_max"]] == [2, 4, 6]
     assert [s for s, _ in metrics["agent0/loss"]] == [1, 2, 3, 4, 5, 6]
