@@ -265,7 +265,8 @@ def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monke
         base0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
         lora0 = {n.replace(".agent0.", "."): p.detach().clone() for n, p in model.named_parameters() if ".agent0." in n}
         pop = finetune_llm_reasoning(pop, env, evo_steps=2, tournament=tournament, mutation=mutation, max_steps=4,
-                                     evaluation_interval=2, eval_problems=4, log_dir="run", verbose=False)  # fmt: skip
+                                     evaluation_interval=2, eval_problems=4, log_dir="run", verbose=False,
+                                     close_backends=False)  # the test closes the backend itself  # fmt: skip
         served_now = {c["id"] for c in server.models()["data"]} - {"tiny"}
         backend = pop[0].backend
         last_names = {s.lora_name for s in backend._served.values()}
