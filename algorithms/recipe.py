@@ -45,11 +45,11 @@ class TrainConfig:
     model set ``sft_steps=0``: the warm-up is a full fine-tune at ``sft_lr`` meant for the tiny model."""
     tiny_preset: str = "tiny"
     """Preset of the embedded model (``llm_gym.tiny.PRESETS``) when ``model`` is None."""
-    sft_steps: int = 800
+    sft_steps: int = 1200
     """Optimizer steps of the SFT warm-up (0 skips it; the cap when ``sft_stop_band`` is set). With the
-    default weak teacher, 800 steps give a student that writes the oracle's trace but, greedily, the
-    teacher's last-step answer: 0 % held-out greedy exact accuracy; GRPO then takes it to ~20 %
-    (``benchmarks/README.md``, Learning, and ``benchmarks/results/research/``)."""
+    default weak teacher, 1200 steps give a student that writes the oracle's trace but, greedily, the
+    teacher's last-step answer: 0-1 % held-out greedy exact accuracy; GRPO then takes it to 22-32 %
+    (seeds 0-2; 800 steps left seed 1 a student RL could only take to 5.5 %: ``benchmarks/README.md``, Learning)."""
     sft_examples: int = 4000
     """Oracle examples for the warm-up."""
     sft_dataset: str | None = None
