@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llm_gym.algorithms.plumbing.cpu_allocator import retain_freed_memory
 from llm_gym.algorithms.rollout.decoding import accepts_logits_to_keep
+from llm_gym.algorithms.sft_loss import IGNORE_INDEX, completion_loss, labelled_loss
 from llm_gym.env import build_problems
 from llm_gym.task import Task
 from llm_gym.template import ConversationTemplate
@@ -41,6 +41,7 @@ __all__ = [
     "SFTExample",
     "SFTResult",
     "collate",
+    "completion_loss",
     "dataset_examples",
     "collate_rows",
     "example_row",
@@ -53,9 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-"""Label of positions that do not count in the loss (prompt and padding)."""
 
 
 @dataclass(frozen=True)
@@ -321,51 +319,6 @@ def collate_rows(
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, truncated
-
-
-def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (completion) positions.
-
-    Args:
-        logits: ``[B, L, V]`` model outputs.
-        labels: ``[B, L]`` target ids, -100 where not scored.
-
-    Returns:
-        The scalar loss.
-    """
-    # position t predicts token t+1: drop the last logit and the first label
-    shifted_logits = logits[:, :-1, :].float()  # [B, L-1, V]
-    shifted_labels = labels[:, 1:]  # [B, L-1]
-    return F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
-def labelled_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], head_window: bool = True) -> torch.Tensor:
-    """:func:`completion_loss` of ``model`` on ``batch``, with the output head run only where it is scored.
-
-    Prompt positions need the model's hidden states (the completion attends to them) but not its
-    logits: with ``head_window`` the head runs from the first position that predicts a labelled
-    token to the end (``logits_to_keep``), about a fifth of a Countdown row, the same loss as the
-    full pass to float rounding and ~15 % less work per SFT step on the tiny model.
-
-    Args:
-        model: A causal LM (plain or PEFT); ``head_window`` needs its ``forward`` to take ``logits_to_keep``.
-        batch: ``input_ids``, ``attention_mask`` and ``labels`` (``[B, L]``, -100 where not scored).
-        head_window: False computes every position's logits (models without ``logits_to_keep``).
-
-    Returns:
-        The scalar loss.
-    """
-    labels = batch["labels"]
-    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
-    if not head_window or scored.numel() == 0:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
-        return completion_loss(logits, labels)
-    first = int(scored[0])  # position `first` predicts the first labelled token, at first + 1
-    keep = labels.shape[1] - first
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return completion_loss(logits, labels[:, first:])  # logits[:, j] predicts labels[:, first + j + 1]
 
 
 class BandStop:

@@ -298,3 +298,46 @@ def test_labelled_loss_runs_the_head_on_the_scored_window_only_and_matches_the_f
     for g_fast, p in zip(fast_grads, model.parameters()):
         assert torch.allclose(g_fast, p.grad, atol=1e-6)
     assert labelled_loss(model, batch, head_window=False).item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_labelled_loss_runs_the_rows_shared_prefix_once_with_the_same_loss_and_gradients():
+    from transformers import AutoModelForCausalLM
+
+    from llm_gym.algorithms.sft_loss import labelled_loss, shared_prefix_length
+    from llm_gym.tiny import tiny_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"))
+    ids = torch.randint(3, 200, (4, 14))
+    ids[:, :6] = ids[0, :6]  # a 6-token prefix common to all rows (a system prompt)
+    ids[3, 6] = ids[0, 6]  # row 3 shares one more token: the common prefix stays 6
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # a right-padded row
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 9:] = ids[:, 9:]
+    labels[1, 11:] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert shared_prefix_length(ids, mask) == 6
+    rows = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: rows.append(tuple(args[0].shape)))
+    shared = labelled_loss(model, batch)
+    shared.backward()
+    hook.remove()
+    assert rows == [(1, 6), (4, 8)]  # the prefix once (batch 1), then each row's remaining 8 tokens
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = labelled_loss(model, batch, share_prefix=False)
+    plain.backward()
+    assert shared.item() == pytest.approx(plain.item(), abs=1e-6)
+    for g, p in zip(shared_grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_shared_prefix_stops_at_padding_and_at_the_first_differing_token():
+    from llm_gym.algorithms.sft_loss import shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 0]])
+    assert shared_prefix_length(ids, torch.ones_like(ids)) == 2
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert shared_prefix_length(same, torch.tensor([[1, 1, 1], [1, 1, 0]])) == 2
+    assert shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
