@@ -83,6 +83,9 @@ class TrainConfig:
     validation_size: int = 200
     """Validation problems: fitness (exact accuracy, ties broken by total reward) for evolution,
     disjoint from the training and test problems (hash split, ``llm_gym.problems``)."""
+    eval_batch_size: int = 50
+    """Problems per batch when evaluating (fitness, the final table): one batched greedy decode for
+    50 problems (x the population) instead of ``prompts_per_step`` at a time, ~5x faster on the tiny model."""
     prompts_per_step: int = 4
     """Prompts per training step (``data_batch_size_per_gpu``); with N processes (``accelerate launch``) the
     step's prompts are shared out over them, so at least N (docs/distributed.md)."""
@@ -129,7 +132,7 @@ class TrainConfig:
             object.__setattr__(self, "task_kwargs", dict(DEMO_TASK_KWARGS.get(self.task, {})))
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"TrainConfig.threads={self.threads} must be >= 1 (or null for torch's default)")
-        for name in ("population", "train_size", "test_size", "validation_size", "prompts_per_step", "max_output_tokens", "max_steps",
+        for name in ("population", "train_size", "test_size", "validation_size", "eval_batch_size", "prompts_per_step", "max_output_tokens", "max_steps",
                      "evo_steps", "evaluation_interval", "lora_r"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
@@ -289,7 +292,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     if multi_turn is None:
         env = ReasoningGym.from_task(config.task, tokenizer, train_size=config.train_size, test_size=config.test_size,
                                      validation_size=config.validation_size, seed=config.seed,
-                                     data_batch_size_per_gpu=config.prompts_per_step, **config.task_kwargs)  # fmt: skip
+                                     data_batch_size_per_gpu=config.prompts_per_step, eval_batch_size=config.eval_batch_size,
+                                     **config.task_kwargs)  # fmt: skip
     else:  # test_size held-out games, each against the optimal and the random opponent
         env = multi_turn.make_env(tokenizer, data_batch_size_per_gpu=config.prompts_per_step,
                                   test_games=config.test_size, train_size=config.train_size, seed=config.seed,

@@ -241,6 +241,10 @@ class MultiTurnGym:
         """Batches covering ``split`` once."""
         return -(-self.num_problems(split) // self.batch_size)
 
+    def batch_size_of(self, split: str | None = None) -> int:
+        """Prompts per batch of ``split``: ``data_batch_size_per_gpu`` for every split."""
+        return self.batch_size
+
     def __len__(self) -> int:
         """Training setups."""
         return self.num_train

@@ -271,7 +271,7 @@ class DataParallel:
         seen = 0
         with env.eval_mode(split):
             prompts = env.reset(reset_dataloaders=True)
-            for b in range(-(-total // env.batch_size)):
+            for b in range(-(-total // env.batch_size_of(split))):
                 if b:
                     prompts = env.reset()
                 if not prompts:  # a last batch shorter than the process count

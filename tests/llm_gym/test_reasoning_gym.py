@@ -145,6 +145,21 @@ def test_eval_mode_covers_the_test_split_once_in_a_fixed_order(tokenizer):
     assert evaluate() == first
 
 
+def test_held_out_splits_come_in_eval_batch_size_batches_and_training_keeps_its_own(tokenizer):
+    env = make_gym(tokenizer, eval_batch_size=3)
+    assert (env.batch_size_of("train"), env.batch_size_of("test"), env.num_batches("test")) == (4, 3, 2)
+    assert len(env.reset()) == 4
+    with env.eval_mode():
+        prompts = env.reset(reset_dataloaders=True)
+        assert numbers(prompts, tokenizer) == [100, 101, 102]
+        prompts, _ = env.step([["x"]] * 3)
+        assert numbers(prompts, tokenizer) == [103, 104]
+    prompts, _ = env.step([["x"]] * 4)
+    assert len(prompts) == 4  # training batches keep data_batch_size_per_gpu
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        make_gym(tokenizer, eval_batch_size=0)
+
+
 def test_eval_mode_restores_the_mode_after_an_error(tokenizer):
     env = make_gym(tokenizer)
     with pytest.raises(KeyError), env.eval_mode():
