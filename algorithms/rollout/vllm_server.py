@@ -256,6 +256,11 @@ class VLLMServerBackend:
         with self._lock:
             self._adapters.serve(agent.model, agent.adapter_name)
 
+    @property
+    def served_names(self) -> dict[str, str]:
+        """By adapter, the name its current version is served under."""
+        return {name: served.handle.lora_name for name, served in self._adapters.served.items()}
+
     def _load_version(self, model: Any, name: str) -> _Loaded:
         """Save adapter ``name`` under a fresh served name and load it into the server (lock held)."""
         lora_name = self._fresh_name(name)
