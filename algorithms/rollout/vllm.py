@@ -3,8 +3,12 @@
 One ``vllm.LLM`` holds the base model on the trainer's GPU (``enable_lora=True``). Each adapter is
 saved to a temporary folder and loaded into the engine under a fresh ``LoRARequest`` id whenever it
 changed (vLLM caches adapters and prefixes by id, so a new id is what makes it reload), so only
-LoRA weights move, never the base. A population shares one engine: one ``llm.generate`` call can
-serve every agent (:meth:`VLLMBackend.generate_batches`).
+LoRA weights move, never the base. "Changed" is checked before every generation by a checksum of
+the adapter's contents (:mod:`~llm_gym.algorithms.rollout.adapter_sync`), so edits made outside
+``learn``/``load``/``clone`` reach the engine too. A population shares one engine (sized for it by
+``VLLMConfig.population_size``): each of its rollout or evaluation batches is ONE ``llm.generate``
+call (:meth:`VLLMBackend.generate_batches`, used by
+:func:`~llm_gym.algorithms.rollout.population.population_generate`).
 
 Phases: with ``sleep_mode`` the engine sleeps (level 1: weights to CPU, KV cache dropped) while the
 trainer learns and wakes lazily on the first generation or sync of the next rollout or evaluation
