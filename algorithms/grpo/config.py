@@ -81,7 +81,8 @@ class GRPOConfig:
     each sampled token's log-prob and every token's policy loss is weighted by
     ``min(exp(trainer_old_logp - vllm_logp), vllm_importance_sampling_cap)``
     (:func:`~llm_gym.algorithms.grpo.loss.truncated_importance_weights`; logged as ``grpo/is_ratio_mean``).
-    Applied only to experience whose sampling log-probs the backend returned (never with ``"hf"``)."""
+    Applied only to experience whose sampling log-probs the backend returned for every prompt (never with
+    ``"hf"``; multi-turn episodes, assembled from several calls, are trained without it)."""
     vllm_importance_sampling_cap: float = 2.0
     """Upper clamp of the importance-sampling weight (TRL's TIS default, 2.0)."""
 

@@ -113,7 +113,7 @@ class AdapterSync:
     Args:
         model: The model adapters are looked up in when they were never served.
         load: ``(model, adapter_name) -> handle``: save the adapter and load it on the serving side
-            under a fresh id or name (it may raise; then the previous version stays served).
+            under a fresh id or name.
         unload: ``handle -> None``: drop a version no longer used (its id or name and its files).
 
     Attributes:
@@ -127,21 +127,26 @@ class AdapterSync:
         self.served: dict[str, ServedAdapter] = {}
 
     def serve(self, model: Any, name: str) -> Any:
-        """Load adapter ``name`` of ``model`` now (a new version), then unload its previous one.
+        """Unload the previous version of adapter ``name`` of ``model``, then load it now (a new version).
 
         Adapters deleted from their model since (released population members) are unloaded first.
+        Unloading before loading keeps the engine's adapter cache (an LRU of ``max_cpu_loras``
+        entries) from evicting another agent's current adapter to make room for one about to go.
 
         Returns:
             The new handle.
+
+        Raises:
+            Whatever ``load`` raises; the adapter is then not served (the next generation retries).
         """
         for gone in [n for n, s in self.served.items() if n not in s.model.peft_config]:
             self._unload(self.served.pop(gone).handle)
-        fingerprint = adapter_fingerprint(model, name)
-        handle = self._load(model, name)
-        old = self.served.get(name)
-        self.served[name] = ServedAdapter(handle, fingerprint, model)
+        old = self.served.pop(name, None)
         if old is not None:
             self._unload(old.handle)
+        fingerprint = adapter_fingerprint(model, name)
+        handle = self._load(model, name)
+        self.served[name] = ServedAdapter(handle, fingerprint, model)
         return handle
 
     def current(self, name: str) -> Any:
