@@ -373,7 +373,8 @@ class GRPO:
             ``metrics["loss/kl"]`` (0.0 when ``beta == 0``: the reference pass is skipped). Also
             ``loss/policy``, ``grpo/clip_fraction``, ``grpo/ratio_mean``,
             ``grpo/frac_reward_zero_std``, ``grpo/entropy``, ``completion/length_mean``,
-            ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``.
+            ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``, and
+            ``grpo/is_ratio_mean`` when ``vllm_importance_sampling_correction`` weighted the loss.
             With ``dynamic_sampling`` the groups whose rewards all tie are dropped first
             (:func:`~llm_gym.algorithms.grpo.dynamic.drop_zero_std`) and
             ``grpo/frac_reward_zero_std`` is their share of the batch given.

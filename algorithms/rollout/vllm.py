@@ -67,6 +67,7 @@ __all__ = [
     "build_vllm_backend",
     "check_lora_config",
     "convert_outputs",
+    "fit_batch",
     "import_vllm",
     "logprob_drift",
     "lora_rank_for",
@@ -77,6 +78,31 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()
+
+
+def fit_batch(
+    batch: AdapterBatch, pad_token_id: int, max_model_len: int | None, warned: set[str]
+) -> tuple[list[Tensor], SamplingConfig]:
+    """A batch's prompts as 1-D ids and its sampling settings with the budget cut to the context (both vLLM backends).
+
+    Args:
+        batch: The adapter's prompts and decoding settings.
+        pad_token_id: Padding id (prompts are unpadded here).
+        max_model_len: The engine's context length, or None.
+        warned: The backend's warned-once keys (``"budget"`` is added when the budget is cut).
+
+    Returns:
+        ``(ids, sampling)``.
+
+    Raises:
+        ValueError: If a prompt alone fills ``max_model_len``.
+    """
+    _, _, ids = left_pad(batch.prompts, pad_token_id)
+    budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, max_model_len,
+                               warn="budget" not in warned)  # fmt: skip
+    if budget < batch.sampling.max_new_tokens:
+        warned.add("budget")
+    return ids, dataclasses.replace(batch.sampling, max_new_tokens=budget)
 
 
 def sampling_params_kwargs(
@@ -291,12 +317,7 @@ class VLLMBackend:
             raise ValueError("got no batches: pass one AdapterBatch per adapter")
         requests, params, unpadded = [], [], []
         for batch in batches:
-            _, _, ids = left_pad(batch.prompts, self.pad_token_id)
-            budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, self.max_model_len,
-                                       warn="budget" not in self._warned)  # fmt: skip
-            if budget < batch.sampling.max_new_tokens:
-                self._warned.add("budget")
-            sampling = dataclasses.replace(batch.sampling, max_new_tokens=budget)
+            ids, sampling = fit_batch(batch, self.pad_token_id, self.max_model_len, self._warned)
             kwargs = sampling_params_kwargs(sampling, self.eos_token_ids, logprobs=self.config.logprobs)
             requests.append(self._ensure_served(batch.adapter_name))
             params.append(self.vllm.SamplingParams(**kwargs))

@@ -63,9 +63,9 @@ from llm_gym.algorithms.rollout.backend import (
     AdapterBatch,
     GenerationOutput,
     SamplingConfig,
-    generation_budget,
 )
-from llm_gym.algorithms.rollout.completions import left_pad, split_completions
+from llm_gym.algorithms.rollout.completions import split_completions
+from llm_gym.algorithms.rollout.vllm import fit_batch  # the budget rule of both vLLM backends
 from llm_gym.algorithms.rollout.vllm_engine import check_lora_config
 
 __all__ = ["ServerUnreachable", "VLLMServerBackend", "VLLMServerConfig", "build_vllm_server_backend"]
@@ -347,12 +347,7 @@ class VLLMServerBackend:
             raise ValueError("got no batches: pass one AdapterBatch per adapter")
         jobs = []
         for batch in batches:
-            _, _, ids = left_pad(batch.prompts, self.pad_token_id)
-            budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, self.max_model_len,
-                                       warn="budget" not in self._warned)  # fmt: skip
-            if budget < batch.sampling.max_new_tokens:
-                self._warned.add("budget")
-            sampling = dataclasses.replace(batch.sampling, max_new_tokens=budget)
+            ids, sampling = fit_batch(batch, self.pad_token_id, self.max_model_len, self._warned)
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from torch's RNG: manual_seed repeats a run
             jobs.append((batch.adapter_name, self._ensure_served(batch.adapter_name), ids, sampling, seed))
         if len(jobs) == 1:
