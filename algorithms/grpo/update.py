@@ -135,7 +135,7 @@ def _packed_sampling_logps(agent: Any, completion_ids: Sequence[Tensor], action_
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for b, row in enumerate(rows):
         out[b, : row.shape[0]] = row.float().cpu()
-    return out
+    return None if bool(torch.isnan(out).any()) else out  # NaN: a completion came back without log-probs
 
 
 def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Tensor]) -> UpdatePlan:

@@ -41,6 +41,7 @@ import dataclasses
 import http.client
 import json
 import logging
+import math
 import secrets
 import shutil
 import tempfile
@@ -471,13 +472,18 @@ def _read_choices(answer: Any, expected: int, base_url: str) -> tuple[list[list[
 def _rollout_logprobs(
     unpadded: Sequence[Tensor], masks: Sequence[Tensor], row_logps: Sequence[list[float] | None], group_size: int
 ) -> list[Tensor]:
-    """Per prompt ``[G, L_i + C_i - 1]`` float: each sampled token's log-prob at its mask position, else 0."""
+    """Per prompt ``[G, L_i + C_i - 1]`` float: each sampled token's log-prob at its mask position, else 0.
+
+    A completion the server returned without log-probs gets NaN at its mask positions (the
+    importance-sampling correction then skips the batch rather than weight it by made-up values).
+    """
     result = []
     for p, (prompt, mask) in enumerate(zip(unpadded, masks, strict=True)):
         logp = torch.zeros(mask.shape, dtype=torch.float32)
         for g in range(group_size):
             values = row_logps[p * group_size + g]
             if values is None:
+                logp[g][mask[g]] = math.nan
                 continue
             for t in range(int(mask[g].sum())):
                 logp[g, len(prompt) - 1 + t] = float(values[t])

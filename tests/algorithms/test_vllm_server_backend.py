@@ -138,6 +138,17 @@ def test_a_population_has_one_served_adapter_per_member(server):
     assert not any("agent1" in c["id"] for c in server.models()["data"])
 
 
+def test_importance_sampling_against_the_server_weights_its_own_model_by_one(server):
+    # The stand-in server scores with the trainer's own model and adapter: every TIS weight is exp(0) = 1 up to
+    # float noise, so the weighted update equals the plain one. (A real engine's kernels drift; its weights vary.)
+    agent = _agent(server, vllm_importance_sampling_correction=True, beta=0.0)
+    _learn_once(agent)  # a served adapter that is not the base
+    ids, masks = agent.get_action(_prompts())
+    rewards = torch.arange(len(PROMPTS) * agent.group_size, dtype=torch.float32).reshape(len(PROMPTS), -1) % 3
+    assert agent.learn((ids, masks, rewards))["grpo/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert "grpo/is_ratio_mean" not in _agent(server, beta=0.0).learn((ids, masks, rewards))  # off by default
+
+
 def test_a_restarted_server_gets_its_adapters_back(server, caplog):
     agent = _agent(server)
     _learn_once(agent)
