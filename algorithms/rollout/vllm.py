@@ -259,7 +259,9 @@ class VLLMBackend:
         return request
 
     def _unload(self, request: Any) -> None:
+        """Remove an adapter version from the engine (awake: its GPU slot is written) and delete its folder."""
         if self.llm is not None:
+            self.wake_up()  # always followed by a load, which wakes the engine anyway
             self.llm.llm_engine.remove_lora(request.lora_int_id)
         shutil.rmtree(request.lora_path, ignore_errors=True)
 

@@ -7,7 +7,7 @@ per-prompt list of params and LoRA requests; ``llm_engine.add_lora/remove_lora/l
 ``sleep(level)``/``wake_up(tags)``; ``SamplingParams`` rejects unknown fields and greedy ``n > 1``;
 stopping follows ``ignore_eos``/``stop_token_ids`` (the generation config's EOS id counts only
 without ``ignore_eos``). It is stricter than vLLM where a real run would silently go wrong:
-generating or loading an adapter while asleep raises.
+generating, loading or removing an adapter while asleep raises.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class _FakeEngine:
         return True
 
     def remove_lora(self, lora_id):
+        if self.llm.sleeping:
+            raise RuntimeError("remove_lora while asleep resets an unmapped GPU slot")
         self.llm.removed.append(lora_id)
         return self.loras.pop(lora_id, None) is not None
 
