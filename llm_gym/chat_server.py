@@ -19,8 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from llm_gym.http_stub import JSONHandler, ThreadedServer
 
 __all__ = ["ChatServer", "Reply", "completion_body", "model_responder"]
 
@@ -112,7 +113,7 @@ def model_responder(model_path: str, name: str | None = None, seed: int = 0) -> 
     return respond
 
 
-class ChatServer:
+class ChatServer(ThreadedServer):
     """An HTTP server on ``host:port`` (port 0: a free one) answering ``/v1/chat/completions``.
 
     A request for a model other than ``model`` gets a 404 like vLLM's; ``GET /v1/models`` lists
@@ -128,6 +129,8 @@ class ChatServer:
         requests: Chat requests received (retries and rejected ones included).
     """
 
+    thread_name = "chat-server"
+
     def __init__(self, respond: Responder, model: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.respond = respond
         self.model = model
@@ -135,19 +138,11 @@ class ChatServer:
         self._lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, fmt: str, *args: Any) -> None:  # quiet: route to logging
-                logger.debug("chat server: " + fmt, *args)
+        class Handler(JSONHandler):
+            log_name = "chat server"
 
             def _send(self, reply: Reply) -> None:
-                data = json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in reply.headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json(reply.status, reply.body, reply.headers)
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server hook
                 if self.path.rstrip("/").endswith("/models"):
@@ -156,7 +151,7 @@ class ChatServer:
                     self._send(Reply(status=404, body={"error": {"message": f"no route {self.path}"}}))
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = self.read_json()
                 with server._lock:
                     server.requests += 1
                 if not self.path.rstrip("/").endswith("/chat/completions"):
@@ -204,32 +199,4 @@ class ChatServer:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port/v1``."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def start(self) -> ChatServer:
-        """Serve in a daemon thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="chat-server")
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving and free the port."""
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> ChatServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        self._server = self._bind_server(host, port, Handler)

@@ -30,14 +30,15 @@ answered one at a time, each prompt decoded by ``transformers``' ``generate``. U
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from llm_gym.http_stub import JSONHandler, ThreadedServer
 
 __all__ = ["LoRAServer", "ServerError"]
 
@@ -57,7 +58,7 @@ class ServerError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": None, "code": self.status}}
 
 
-class LoRAServer:
+class LoRAServer(ThreadedServer):
     """An HTTP server on ``host:port`` (port 0: a free one) serving a causal LM and LoRA adapters loaded at run time.
 
     Args:
@@ -77,6 +78,8 @@ class LoRAServer:
         bodies: The JSON body of each ``/v1/completions`` request, in order.
         restarts: Times :meth:`restart` ran.
     """
+
+    thread_name = "lora-server"
 
     def __init__(
         self,
@@ -116,29 +119,8 @@ class LoRAServer:
         self._lock = threading.Lock()  # one request at a time touches the model
         self._host = host
         self._server = self._bind(host, port)
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ serving
-    @property
-    def base_url(self) -> str:
-        """``http://host:port/v1``."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def start(self) -> LoRAServer:
-        """Serve in a daemon thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="lora-server")
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving and free the port."""
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
     def restart(self, down_for: float = 0.0) -> threading.Thread | None:
         """Restart like a vLLM server: stop, forget every adapter, serve again on the same port.
 
@@ -176,63 +158,46 @@ class LoRAServer:
         """
         self._restart_at = (int(completions), float(down_for))
 
-    def __enter__(self) -> LoRAServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def _bind(self, host: str, port: int) -> ThreadingHTTPServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, fmt: str, *args: Any) -> None:  # quiet: route to logging
-                logger.debug("lora server: " + fmt, *args)
-
-            def _send(self, status: int, body: Any) -> None:
-                data = (json.dumps(body) if not isinstance(body, str) else body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JSONHandler):
+            log_name = "lora server"
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server hook
                 if server._refusing:
                     self.close_connection = True
                     return
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, server.models())
+                    self.send_json(200, server.models())
                 else:
-                    self._send(404, {"detail": "Not Found"})  # FastAPI's answer to an unknown route
+                    self.send_json(404, {"detail": "Not Found"})  # FastAPI's answer to an unknown route
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook
                 if server._refusing:  # a restart is under way: answer nothing, like a server going down
                     self.close_connection = True
                     return
                 try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                    body = self.read_json()
                     route = self.path.rstrip("/")
                     if route == "/v1/completions":
-                        self._send(200, server.complete(body))
+                        self.send_json(200, server.complete(body))
                         server._maybe_restart()
                     elif route == "/v1/load_lora_adapter":
-                        self._send(200, server.load_adapter(body.get("lora_name"), body.get("lora_path")))
+                        self.send_json(200, server.load_adapter(body.get("lora_name"), body.get("lora_path")))
                     elif route == "/v1/unload_lora_adapter":
-                        self._send(200, server.unload_adapter(body.get("lora_name")))
+                        self.send_json(200, server.unload_adapter(body.get("lora_name")))
                     else:
-                        self._send(404, {"detail": "Not Found"})
+                        self.send_json(404, {"detail": "Not Found"})
                 except ServerError as err:
-                    self._send(err.status, err.body())
+                    self.send_json(err.status, err.body())
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up
                     pass
                 except Exception as err:  # noqa: BLE001 - a bug answers 500 (as vLLM does), never a dropped connection
                     logger.exception("lora server: %s failed", self.path)
-                    self._send(500, ServerError(500, f"{type(err).__name__}: {err}", "InternalServerError").body())
+                    self.send_json(500, ServerError(500, f"{type(err).__name__}: {err}", "InternalServerError").body())
 
-        httpd = ThreadingHTTPServer((host, port), Handler)
-        httpd.daemon_threads = True
-        return httpd
+        return self._bind_server(host, port, Handler)
 
     def _maybe_restart(self) -> None:
         """Start the scheduled restart once its request was answered (see :meth:`restart_after`)."""

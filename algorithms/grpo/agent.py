@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from llm_gym.algorithms.rollout.hf import resolve_eos
 from llm_gym.algorithms.rollout.rollout import evaluate
 
 __all__ = ["GRPO"]
+
+logger = logging.getLogger(__name__)
 
 
 class GRPO:
@@ -136,7 +139,10 @@ class GRPO:
         self._weights_dirty = True
         self.share_prompt_forward = True
         self.fuse_lora = True
+        if self.hps.vllm_importance_sampling_correction:
+            backend_config = _with_logprobs(self.hps.backend, backend_config)
         self.backend_config = backend_config
+        self._sampling_logps: dict[int, tuple[Tensor, Tensor]] = {}
         self.backend: Any = make_backend(self.hps.backend, self, backend_config)
 
     # ------------------------------------------------------------------ setup
@@ -185,8 +191,9 @@ class GRPO:
         """Change one hyper-parameter (mutation), keeping the optimizer in sync.
 
         Args:
-            name: A field of :class:`GRPOConfig` other than ``max_model_len`` and ``backend`` (fixed
-                when the agent is built), or ``"clip_coef"`` (sets both clip bounds).
+            name: A field of :class:`GRPOConfig` other than those of ``FIXED_SETTINGS``
+                (``max_model_len``, ``backend``, ``vllm_importance_sampling_correction``: fixed when the
+                agent is built), or ``"clip_coef"`` (sets both clip bounds).
             value: The new value.
 
         Raises:
@@ -268,7 +275,36 @@ class GRPO:
         """
         sampling = self.prepare_generation(prompts, training, group_size)
         out = self.backend.generate(prompts, sampling, adapter_name=self.adapter_name)
+        logps = getattr(self.backend, "last_logprobs", None)
+        if training and logps is not None:
+            self.remember_sampling_logps(out.completion_ids, logps[0])
         return out.completion_ids, out.action_masks
+
+    def remember_sampling_logps(self, completion_ids: Sequence[Tensor], logps: Sequence[Tensor]) -> None:
+        """Keep the backend's log-probs of sampled completions for the importance-sampling correction.
+
+        Kept only with ``vllm_importance_sampling_correction``; :meth:`learn` finds them by the identity
+        of each prompt's completion tensor (so experience filtered or refilled per prompt keeps its
+        log-probs) and forgets them all afterwards.
+
+        Args:
+            completion_ids: Per prompt ``[G, S]`` ids, as returned to the caller.
+            logps: Per prompt ``[G, S - 1]`` the sampled tokens' log-probs at their action-mask positions.
+        """
+        if self.hps.vllm_importance_sampling_correction:
+            for ids, logp in zip(completion_ids, logps, strict=True):
+                self._sampling_logps[id(ids)] = (ids, logp)
+
+    def sampling_logps_for(self, completion_ids: Sequence[Tensor]) -> list[Tensor] | None:
+        """The remembered log-probs of every prompt's completions, or None unless all of them were kept."""
+        found = [self._sampling_logps.get(id(ids)) for ids in completion_ids]
+        if not found or any(f is None or f[0] is not ids for f, ids in zip(found, completion_ids, strict=True)):
+            return None
+        return [f[1] for f in found if f is not None]
+
+    def forget_sampling_logps(self) -> None:
+        """Drop the remembered sampling log-probs (each :meth:`learn` does, once it planned its update)."""
+        self._sampling_logps.clear()
 
     def prepare_generation(
         self, prompts: Sequence[dict[str, Any]], training: bool = True, group_size: int | None = None
@@ -337,7 +373,8 @@ class GRPO:
             ``metrics["loss/kl"]`` (0.0 when ``beta == 0``: the reference pass is skipped). Also
             ``loss/policy``, ``grpo/clip_fraction``, ``grpo/ratio_mean``,
             ``grpo/frac_reward_zero_std``, ``grpo/entropy``, ``completion/length_mean``,
-            ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``.
+            ``reward/mean``, ``reward/std``, ``grad_norm``, ``grpo/skipped_updates``, ``grpo/lr``, and
+            ``grpo/is_ratio_mean`` when ``vllm_importance_sampling_correction`` weighted the loss.
             With ``dynamic_sampling`` the groups whose rewards all tie are dropped first
             (:func:`~llm_gym.algorithms.grpo.dynamic.drop_zero_std`) and
             ``grpo/frac_reward_zero_std`` is their share of the batch given.
@@ -452,6 +489,7 @@ class GRPO:
         new.lineage = copy.deepcopy(self.lineage)
         new.last_eval = dict(self.last_eval)
         new._weights_dirty = True
+        new._sampling_logps = {}
         new._activate()
         new.optimizer = new._make_optimizer()
         new.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
@@ -493,3 +531,20 @@ def _seed_config(config: GRPOConfig | None, use_vllm: bool, hyperparameters: dic
     if hyperparameters.get("backend", "vllm") != "vllm" or built.backend not in ("hf", "vllm"):
         raise ValueError(f"use_vllm=True contradicts backend={built.backend!r}: give only one of them")
     return dataclasses.replace(built, backend="vllm")
+
+
+def _with_logprobs(backend: str, config: Any) -> Any:
+    """The backend's config with sampled-token log-probs on (the importance-sampling correction needs them)."""
+    if backend == "hf":
+        logger.warning("vllm_importance_sampling_correction has no effect with backend='hf': it generates with "
+                       "the trainer's own weights, there is no engine drift to correct")  # fmt: skip
+        return config
+    if config is None and backend == "vllm":
+        from llm_gym.algorithms.rollout.vllm_engine import VLLMConfig
+
+        return VLLMConfig(logprobs=True)
+    if isinstance(config, Mapping):
+        return {**config, "logprobs": True}
+    if dataclasses.is_dataclass(config) and hasattr(config, "logprobs") and not config.logprobs:
+        return dataclasses.replace(config, logprobs=True)
+    return config

@@ -18,7 +18,7 @@ from llm_gym.algorithms.rollout.backend import BACKENDS
 
 __all__ = ["FIXED_SETTINGS", "GRPOConfig", "GRPOHyperParams", "clip_pair"]
 
-FIXED_SETTINGS = ("max_model_len", "backend")
+FIXED_SETTINGS = ("max_model_len", "backend", "vllm_importance_sampling_correction")
 """Settings fixed when the agent is built: mutation may not change them and a checkpoint does not
 load them (the generation engine is built around them)."""
 
@@ -76,6 +76,15 @@ class GRPOConfig:
     the batch's generation budget is cut to fit (warned once); a prompt that fills it alone is an error."""
     backend: str = "hf"
     """Generation backend, a name of :data:`~llm_gym.algorithms.rollout.backend.BACKENDS` (``"hf"``, ``"vllm"``, ``"vllm-server"``)."""
+    vllm_importance_sampling_correction: bool = False
+    """TRL's truncated importance sampling against the engine/trainer drift: the vLLM backends return
+    each sampled token's log-prob and every token's policy loss is weighted by
+    ``min(exp(trainer_old_logp - vllm_logp), vllm_importance_sampling_cap)``
+    (:func:`~llm_gym.algorithms.grpo.loss.truncated_importance_weights`; logged as ``grpo/is_ratio_mean``).
+    Applied only to experience whose sampling log-probs the backend returned for every prompt (never with
+    ``"hf"``; multi-turn episodes, assembled from several calls, are trained without it)."""
+    vllm_importance_sampling_cap: float = 2.0
+    """Upper clamp of the importance-sampling weight (TRL's TIS default, 2.0)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -104,6 +113,7 @@ class GRPOConfig:
             ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
             ("max_output_tokens", self.max_output_tokens >= 1, ">= 1"),
             ("max_refills", self.max_refills >= 0, ">= 0 (0: drop zero-variance groups, never refill)"),
+            ("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap > 0, "> 0"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -29,6 +29,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "k3_kl",
+    "truncated_importance_weights",
 ]
 
 
@@ -253,6 +254,35 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
+def truncated_importance_weights(
+    trainer_logps: Tensor, rollout_logps: Tensor, mask: Tensor, cap: float = 2.0
+) -> Tensor:
+    """Truncated importance-sampling weights ``min(exp(trainer - rollout), cap)`` per token (TRL's TIS).
+
+    A generation engine (vLLM) samples from a slightly different distribution than the trainer
+    computes; scaling each token's policy loss by this (detached) weight corrects the resulting
+    off-policy bias (TRL's ``vllm_importance_sampling_correction``, token-level truncation).
+
+    Args:
+        trainer_logps: ``[B, T]`` the trainer's log-probs of the sampled tokens under the policy that
+            generated them (no gradient flows through the weights).
+        rollout_logps: ``[B, T]`` the engine's log-probs of the same tokens.
+        mask: ``[B, T]`` bool, the completion tokens.
+        cap: Upper clamp of a weight (> 0).
+
+    Returns:
+        ``[B, T]`` weights, 0 outside the mask.
+
+    Raises:
+        ValueError: If ``cap <= 0``.
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance-sampling cap must be > 0, got {cap}")
+    diff = torch.where(mask.bool(), trainer_logps.detach().float() - rollout_logps.float(), torch.zeros(()))
+    ratio = torch.exp(diff).clamp(max=cap)  # the difference is zeroed outside the mask: no overflow there
+    return torch.where(mask.bool(), ratio, torch.zeros_like(ratio))
+
+
 def _check_inputs(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -302,6 +332,7 @@ def grpo_loss(
     clip_high: float,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """Token-level clipped GRPO surrogate with an optional k3 KL penalty to a reference policy.
 
@@ -335,6 +366,10 @@ def grpo_loss(
             (DAPO's "clip-higher" uses ``clip_high > clip_low``).
         loss_type: One of ``"grpo"``, ``"dr_grpo"``, ``"dapo"``.
         max_completion_length: Generation budget in tokens; required for ``"dr_grpo"``.
+        is_weights: ``[B, T]`` importance-sampling weights against the generation engine
+            (:func:`truncated_importance_weights`), or None. Each token's policy term is scaled by
+            its (detached) weight before the KL term is added, as TRL does; also logged as
+            ``grpo/is_ratio_mean``.
 
     Returns:
         A :class:`LossOutput`. Metrics: ``loss/policy`` (the surrogate alone, same reduction),
@@ -363,6 +398,10 @@ def grpo_loss(
     adv = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]
 
     policy_per_token, low_clipped, high_clipped = variant.surrogate(ratio, adv, real, clip_low, clip_high)
+    if is_weights is not None:
+        if tuple(is_weights.shape) != tuple(logp.shape):
+            raise ValueError(f"is_weights shape {tuple(is_weights.shape)} does not match logp shape {tuple(logp.shape)}")
+        policy_per_token = policy_per_token * torch.where(real, is_weights.detach().to(logp.dtype), zeros)
     is_clipped = high_clipped | low_clipped  # [B, T]
 
     per_token = policy_per_token
@@ -388,6 +427,8 @@ def grpo_loss(
             "grpo/ratio_mean": ((ratio * mask_f).sum() / n_tokens).item(),
             "completion/length_mean": mask_f.sum(dim=1).mean().item(),
         }
+        if is_weights is not None:
+            metrics["grpo/is_ratio_mean"] = ((is_weights.to(mask_f.dtype) * mask_f).sum() / n_tokens).item()
         if kl_per_token is not None:
             metrics["loss/kl"] = ((kl_per_token * mask_f).sum() / n_tokens).item()
     return LossOutput(loss=loss, metrics=metrics)

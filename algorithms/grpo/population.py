@@ -9,12 +9,14 @@ whole population run as one batched decode (:mod:`~llm_gym.algorithms.rollout.po
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from llm_gym.algorithms.evolution.fitness import fitness_of
 from llm_gym.algorithms.grpo.agent import GRPO
 from llm_gym.algorithms.rollout.population import batched_population, evaluate_population
+from llm_gym.algorithms.rollout.vllm_engine import VLLMConfig
 
 __all__ = ["create_population", "population_fitness"]
 
@@ -41,7 +43,7 @@ def create_population(size: int, **grpo_kwargs: Any) -> list[GRPO]:
     """
     if size < 1:
         raise ValueError(f"a population needs at least one agent, got size={size}")
-    first = GRPO(**{**grpo_kwargs, "adapter_name": "agent0", "index": 0})
+    first = GRPO(**{**_sized_engine(size, grpo_kwargs), "adapter_name": "agent0", "index": 0})
     return [first] + [first.clone(index=i, adapter_name=f"agent{i}") for i in range(1, size)]
 
 
@@ -73,3 +75,25 @@ def population_fitness(
         agent.fitness.append(fitness_of(metrics, fitness, max_total))
         scores.append(agent.fitness[-1])
     return scores
+
+
+def _sized_engine(size: int, grpo_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``grpo_kwargs`` with the vLLM engine (shared by every clone) sized for ``size`` agents.
+
+    vLLM fixes ``max_cpu_loras`` when the engine is built, by the first agent, before its clones
+    exist: ``VLLMConfig.population_size`` tells it how many adapters it will serve.
+
+    Raises:
+        ValueError: If the user's ``max_cpu_loras`` is below ``size``.
+    """
+    config = grpo_kwargs.get("config")
+    uses_vllm = (grpo_kwargs.get("use_vllm") or grpo_kwargs.get("backend", getattr(config, "backend", None)) == "vllm")
+    if not uses_vllm:
+        return grpo_kwargs
+    key = "backend_config" if grpo_kwargs.get("backend_config") is not None else "vllm_config"
+    engine = grpo_kwargs.get(key)
+    if engine is None:
+        engine = VLLMConfig()
+    if not isinstance(engine, VLLMConfig):
+        return grpo_kwargs  # the backend reports what it makes of a foreign config
+    return {**grpo_kwargs, key: dataclasses.replace(engine, population_size=max(size, engine.population_size))}

@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from llm_gym.algorithms.grpo.logps import completion_logps
-from llm_gym.algorithms.grpo.loss import LOSS_VARIANTS, group_advantages, grpo_loss
+from llm_gym.algorithms.grpo.loss import (
+    LOSS_VARIANTS,
+    group_advantages,
+    grpo_loss,
+    truncated_importance_weights,
+)
 from llm_gym.algorithms.plumbing.distributed import all_reduce_grads, all_reduce_sum, world_size
 from llm_gym.algorithms.plumbing.lora_swap import base_model_only, fused_lora
 from llm_gym.algorithms.rollout.completions import MiniBatch, mini_batches, pack_completions, select_rows
@@ -51,6 +56,9 @@ class UpdatePlan:
         old: Old-policy log-probs per mini-batch (None when ``update_epochs == 1``).
         metrics: Advantage metrics, completion length and the trained fraction of the rows.
         global_rows: Rows trained on, summed over the data-parallel processes.
+        sampling: The generation engine's log-probs per mini-batch (``[b, t]`` like its mask), for
+            the importance-sampling correction; None per mini-batch when it is off or the backend
+            returned none.
     """
 
     batches: list[MiniBatch]
@@ -60,6 +68,7 @@ class UpdatePlan:
     old: list[Tensor | None]
     metrics: dict[str, float]
     global_rows: int = 0
+    sampling: list[Tensor | None] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +117,27 @@ def frozen_logps(agent: Any, batches: Sequence[MiniBatch], reference: bool) -> l
         agent.model.train(was_training)
 
 
+def _packed_sampling_logps(agent: Any, completion_ids: Sequence[Tensor], action_masks: Sequence[Tensor],
+                           width: int) -> Tensor | None:
+    """The engine's sampled-token log-probs of these completions as ``[B, width]`` rows (like the packed mask).
+
+    None unless the importance-sampling correction is on and the backend returned log-probs for
+    every prompt's completions (:meth:`GRPO.remember_sampling_logps`).
+    """
+    if not agent.hps.vllm_importance_sampling_correction:
+        return None
+    per_prompt = agent.sampling_logps_for(completion_ids)
+    if per_prompt is None:
+        return None
+    rows = [r for lp, m in zip(per_prompt, action_masks, strict=True) if tuple(lp.shape) == tuple(m.shape) for r in lp]
+    if len(rows) != sum(int(m.shape[0]) for m in action_masks):
+        return None  # a prompt's log-probs do not match its mask: no correction rather than a wrong one
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, : row.shape[0]] = row.float().cpu()
+    return None if bool(torch.isnan(out).any()) else out  # NaN: a completion came back without log-probs
+
+
 def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Tensor]) -> UpdatePlan:
     completion_ids, action_masks, rewards = experiences
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
@@ -119,6 +149,7 @@ def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Ten
     advantages, metrics = group_advantages(rewards, scale=hps.scale_rewards)  # [P, G]
     advantages = advantages.reshape(-1)  # [B], prompt-major like the packed rows
     packed = pack_completions(completion_ids, action_masks, rewards.shape[1], agent.pad_token_id)
+    sampling = _packed_sampling_logps(agent, completion_ids, action_masks, packed.mask.shape[1])  # [B, T-1]
     # Normalisers count every sequence, trained on or not, so dropping rows below changes nothing.
     local_seqs, local_tokens = packed.ids.shape[0], int(packed.mask.sum())
     metrics["completion/length_mean"] = float(packed.mask.sum(dim=1).float().mean())
@@ -127,6 +158,7 @@ def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Ten
         # backward (groups whose rewards all tie). Their loss and clip fraction are exactly 0.
         trained = advantages != 0  # [B]
         packed, advantages = select_rows(packed, trained), advantages[trained]
+        sampling = sampling[trained] if sampling is not None else None
     metrics["grpo/trained_fraction"] = packed.ids.shape[0] / local_seqs
     # Data-parallel: the global batch's normalisers (one collective; plain values in one process).
     seqs, tokens, rows = all_reduce_sum([local_seqs, local_tokens, packed.ids.shape[0]])
@@ -137,19 +169,28 @@ def _plan(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Ten
     advs = [advantages[mb.rows].to(agent.device) for mb in batches]
     ref = frozen_logps(agent, batches, reference=True) if hps.beta > 0 else [None] * len(batches)
     old = frozen_logps(agent, batches, reference=False) if hps.update_epochs > 1 else [None] * len(batches)
-    return UpdatePlan(batches, weights, advs, ref, old, metrics, global_rows=int(rows))
+    engine: list[Tensor | None] = [None] * len(batches)
+    if sampling is not None:
+        engine = [sampling[mb.rows, mb.first : mb.first + mb.mask.shape[1]].to(agent.device) for mb in batches]
+    return UpdatePlan(batches, weights, advs, ref, old, metrics, global_rows=int(rows), sampling=engine)
 
 
 def _accumulate(agent: Any, plan: UpdatePlan, epoch: int, totals: EpochTotals) -> bool:
     """Forward and backward every mini-batch of one epoch; False at the first non-finite loss."""
     hps = agent.hps
-    for mb, weight, adv, ref_logp, old_logp in zip(
-        plan.batches, plan.weights, plan.advantages, plan.ref, plan.old, strict=True
+    sampling = plan.sampling or [None] * len(plan.batches)
+    for mb, weight, adv, ref_logp, old_logp, engine_logp in zip(
+        plan.batches, plan.weights, plan.advantages, plan.ref, plan.old, sampling, strict=True
     ):
         logp, ent = agent._logps(mb, entropy=epoch == 0)
+        is_weights = None
+        if engine_logp is not None:  # TIS: the trainer's log-probs of the policy that sampled vs the engine's
+            sampled_by = old_logp if old_logp is not None else logp.detach()
+            is_weights = truncated_importance_weights(sampled_by, engine_logp, mb.mask, hps.vllm_importance_sampling_cap)
         out = grpo_loss(
             logp, old_logp, ref_logp, adv, mb.mask, beta=hps.beta, clip_low=hps.clip_low,
             clip_high=hps.clip_high, loss_type=hps.loss_type, max_completion_length=hps.max_output_tokens,
+            is_weights=is_weights,
         )  # fmt: skip
         if not torch.isfinite(out.loss):
             return False
@@ -227,6 +268,7 @@ def learn(agent: Any, experiences: tuple[Sequence[Tensor], Sequence[Tensor], Ten
     """
     agent._activate()
     plan = _plan(agent, experiences)
+    agent.forget_sampling_logps()  # this update used (or skipped) them; the next one samples anew
     totals = _run_epochs(agent, plan)
     agent.steps += 1
     agent.skipped_updates += totals.skipped

@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "AdapterBatch",
     "BackendSpec",
     "GenerationBackend",
     "GenerationOutput",
@@ -66,6 +67,26 @@ class GenerationOutput:
 
     completion_ids: list[Tensor]
     action_masks: list[Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterBatch:
+    """Prompts to complete with one adapter: one part of a population's single generation call.
+
+    A backend that serves several adapters at once has ``generate_batches(batches) ->
+    list[GenerationOutput]`` (both vLLM backends); the population's rollout
+    (:func:`~llm_gym.algorithms.rollout.population.population_generate`) uses it when every agent
+    shares that backend.
+
+    Attributes:
+        adapter_name: The adapter (the agent's ``adapter_name``).
+        prompts: The environment's prompts.
+        sampling: Decoding settings of that agent.
+    """
+
+    adapter_name: str
+    prompts: Sequence[dict[str, Any]]
+    sampling: SamplingConfig
 
 
 @runtime_checkable

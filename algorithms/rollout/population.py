@@ -10,8 +10,11 @@ scoring and the (per-agent) update do not change:
     prompts --population_generate--> per agent (ids, masks) --env.score--> per agent Rollout --agent.learn
 
 It applies when every agent uses the ``"hf"`` backend's lean loop on the SAME model object and the
-model's adapters are plain LoRA; otherwise (and for a single agent, whose merged-weight path is
-faster) every agent generates with its own ``get_action``, as before.
+model's adapters are plain LoRA. When the agents instead share one backend that serves several
+adapters at once (a vLLM engine or server, :func:`shared_backend`), the whole population is ONE
+``generate_batches`` call: per prompt its agent's LoRA request and sampling settings. Otherwise
+(and for a single agent, whose merged-weight path is faster) every agent generates with its own
+``get_action``, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_gym.algorithms.rollout.backend import AdapterBatch
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 from llm_gym.algorithms.rollout.hf import HFGenerationBackend
 from llm_gym.algorithms.rollout.multi_turn import MultiTurnEnv
@@ -33,23 +37,55 @@ from llm_gym.algorithms.rollout.population_decode import (
 )
 from llm_gym.algorithms.rollout.rollout import Rollout, evaluate_with, rollout
 
-__all__ = ["MAX_ROWS", "batched_population", "evaluate_population", "population_generate", "population_rollouts"]
+__all__ = [
+    "MAX_ROWS",
+    "batched_population",
+    "evaluate_population",
+    "population_generate",
+    "population_rollouts",
+    "shared_backend",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def batched_population(agents: Sequence[Any]) -> bool:
-    """Whether ``agents`` can generate in one batched decode (:func:`population_generate`).
+def shared_backend(agents: Sequence[Any]) -> Any | None:
+    """The one backend that serves every agent's adapter in a single call, if there is one.
 
     Args:
         agents: GRPO agents.
 
     Returns:
-        True for two or more agents with distinct adapters of one shared model, each on the lean
-        ``"hf"`` backend with the same pad and EOS ids, and only plain LoRA layers in the model.
+        The backend, for two or more agents with distinct adapters of one shared model that all hold
+        the SAME backend object with a ``generate_batches`` method (the vLLM backends: clones share
+        their engine); else None.
+    """
+    if len(agents) < 2 or not all(hasattr(a, "prepare_generation") for a in agents):
+        return None
+    backend = getattr(agents[0], "backend", None)
+    if not callable(getattr(backend, "generate_batches", None)):
+        return None
+    if any(a.backend is not backend or a.model is not agents[0].model for a in agents):
+        return None
+    names = [a.adapter_name for a in agents]
+    return backend if len(set(names)) == len(names) else None
+
+
+def batched_population(agents: Sequence[Any]) -> bool:
+    """Whether ``agents`` can generate together (:func:`population_generate`).
+
+    Args:
+        agents: GRPO agents.
+
+    Returns:
+        True for two or more agents with distinct adapters of one shared model, either all on one
+        shared multi-adapter backend (:func:`shared_backend`), or each on the lean ``"hf"`` backend
+        with the same pad and EOS ids and only plain LoRA layers in the model (one batched decode).
     """
     if len(agents) < 2 or not all(hasattr(a, "prepare_generation") for a in agents):
         return False
+    if shared_backend(agents) is not None:
+        return True
     model = getattr(agents[0], "model", None)
     names = [getattr(a, "adapter_name", None) for a in agents]
     for agent in agents:
@@ -93,7 +129,8 @@ def population_generate(
     """Every agent's completions for the same prompts, in one batched decode when possible.
 
     Args:
-        agents: GRPO agents (see :func:`batched_population`; others generate one by one).
+        agents: GRPO agents (see :func:`batched_population`; others generate one by one). Agents
+            sharing a multi-adapter backend (:func:`shared_backend`) are served by one call of it.
         prompts: The environment's prompts.
         training: Sample with each agent's settings (its group size, budget, temperature, top-p,
             top-k); False: one greedy completion per prompt (evaluation).
@@ -107,6 +144,9 @@ def population_generate(
     """
     if not batched_population(agents):
         return [agent.get_action(prompts, training=training) for agent in agents]
+    backend = shared_backend(agents)
+    if backend is not None:
+        return _one_call(backend, agents, prompts, training)
     first = agents[0]
     samplings = [agent.prepare_generation(prompts, training) for agent in agents]
     input_ids, attention, unpadded = left_pad(prompts, first.pad_token_id)
@@ -131,6 +171,22 @@ def population_generate(
         split = split_completions(unpadded, ids, sampling.group_size, eos_token_ids=first.eos_token_ids,
                                   pad_token_id=first.pad_token_id)  # fmt: skip
         out.append((split.completion_ids, split.action_masks))
+    return out
+
+
+def _one_call(
+    backend: Any, agents: Sequence[Any], prompts: Sequence[dict[str, Any]], training: bool
+) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Every agent's completions from ONE ``backend.generate_batches`` call (per prompt its agent's adapter)."""
+    samplings = [agent.prepare_generation(prompts, training) for agent in agents]  # syncs changed adapters
+    batches = [AdapterBatch(a.adapter_name, prompts, s) for a, s in zip(agents, samplings, strict=True)]
+    outputs = backend.generate_batches(batches)
+    logps = getattr(backend, "last_logprobs", None)
+    out = []
+    for i, (agent, generated) in enumerate(zip(agents, outputs, strict=True)):
+        if training and logps is not None:
+            agent.remember_sampling_logps(generated.completion_ids, logps[i])
+        out.append((generated.completion_ids, generated.action_masks))
     return out
 
 

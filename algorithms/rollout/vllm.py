@@ -3,8 +3,12 @@
 One ``vllm.LLM`` holds the base model on the trainer's GPU (``enable_lora=True``). Each adapter is
 saved to a temporary folder and loaded into the engine under a fresh ``LoRARequest`` id whenever it
 changed (vLLM caches adapters and prefixes by id, so a new id is what makes it reload), so only
-LoRA weights move, never the base. A population shares one engine: one ``llm.generate`` call can
-serve every agent (:meth:`VLLMBackend.generate_batches`).
+LoRA weights move, never the base. "Changed" is checked before every generation by a checksum of
+the adapter's contents (:mod:`~llm_gym.algorithms.rollout.adapter_sync`), so edits made outside
+``learn``/``load``/``clone`` reach the engine too. A population shares one engine (sized for it by
+``VLLMConfig.population_size``): each of its rollout or evaluation batches is ONE ``llm.generate``
+call (:meth:`VLLMBackend.generate_batches`, used by
+:func:`~llm_gym.algorithms.rollout.population.population_generate`).
 
 Phases: with ``sleep_mode`` the engine sleeps (level 1: weights to CPU, KV cache dropped) while the
 trainer learns and wakes lazily on the first generation or sync of the next rollout or evaluation
@@ -27,14 +31,20 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, generation_budget
+from llm_gym.algorithms.grpo.loss import truncated_importance_weights
+from llm_gym.algorithms.rollout.adapter_sync import AdapterSync, save_adapter
+from llm_gym.algorithms.rollout.backend import (
+    AdapterBatch,
+    GenerationOutput,
+    SamplingConfig,
+    generation_budget,
+)
 from llm_gym.algorithms.rollout.completions import left_pad, split_completions
 from llm_gym.algorithms.rollout.vllm_engine import (
     LORA_RANKS,
@@ -57,6 +67,7 @@ __all__ = [
     "build_vllm_backend",
     "check_lora_config",
     "convert_outputs",
+    "fit_batch",
     "import_vllm",
     "logprob_drift",
     "lora_rank_for",
@@ -69,19 +80,29 @@ logger = logging.getLogger(__name__)
 _LIVE: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()
 
 
-@dataclass(frozen=True)
-class AdapterBatch:
-    """Prompts to complete with one adapter, as one part of :meth:`VLLMBackend.generate_batches`.
+def fit_batch(
+    batch: AdapterBatch, pad_token_id: int, max_model_len: int | None, warned: set[str]
+) -> tuple[list[Tensor], SamplingConfig]:
+    """A batch's prompts as 1-D ids and its sampling settings with the budget cut to the context (both vLLM backends).
 
-    Attributes:
-        adapter_name: The adapter (the agent's ``adapter_name``).
-        prompts: The environment's prompts.
-        sampling: Decoding settings of that agent.
+    Args:
+        batch: The adapter's prompts and decoding settings.
+        pad_token_id: Padding id (prompts are unpadded here).
+        max_model_len: The engine's context length, or None.
+        warned: The backend's warned-once keys (``"budget"`` is added when the budget is cut).
+
+    Returns:
+        ``(ids, sampling)``.
+
+    Raises:
+        ValueError: If a prompt alone fills ``max_model_len``.
     """
-
-    adapter_name: str
-    prompts: Sequence[dict[str, Any]]
-    sampling: SamplingConfig
+    _, _, ids = left_pad(batch.prompts, pad_token_id)
+    budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, max_model_len,
+                               warn="budget" not in warned)  # fmt: skip
+    if budget < batch.sampling.max_new_tokens:
+        warned.add("budget")
+    return ids, dataclasses.replace(batch.sampling, max_new_tokens=budget)
 
 
 def sampling_params_kwargs(
@@ -119,23 +140,6 @@ def sampling_params_kwargs(
     if logprobs:
         kwargs["logprobs"] = 0  # the sampled token only
     return kwargs
-
-
-def _fingerprint(model: Any, adapter_name: str) -> tuple[tuple[int, int, int], ...]:
-    """Identity, storage and torch version counter of every tensor of an adapter.
-
-    Any in-place write (an optimizer step, ``load_state_dict``, ``param.add_`` under ``no_grad``)
-    bumps a version counter; writes through ``param.data`` do not: call :meth:`VLLMBackend.sync` after those.
-    """
-    marker = f".{adapter_name}."
-    return tuple((id(p), p.data_ptr(), p._version) for n, p in model.named_parameters() if marker in n)
-
-
-@dataclass
-class _Served:
-    request: Any
-    fingerprint: tuple[tuple[int, int, int], ...]
-    model: Any
 
 
 class VLLMBackend:
@@ -185,10 +189,9 @@ class VLLMBackend:
         self.max_lora_rank = int(kwargs["max_lora_rank"])
         self.max_cpu_loras = int(kwargs["max_cpu_loras"])
         self.llm: Any = self.vllm.LLM(**kwargs)
-        self._model = agent.model
         self._tmp = Path(tempfile.mkdtemp(prefix="llm_gym_vllm_"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        self._served: dict[str, _Served] = {}
+        self._adapters = AdapterSync(agent.model, self._load, self._unload)
         self._next_id = 1
         self._asleep = False
         self._phases = False  # True once the training loop calls sleep() itself
@@ -236,51 +239,43 @@ class VLLMBackend:
         self._serve(agent.model, agent.adapter_name)
 
     def _serve(self, model: Any, name: str) -> None:
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+        self._adapters.serve(model, name)
+        self._check_cpu_loras()
 
+    def _load(self, model: Any, name: str) -> Any:
+        """Save adapter ``name`` to a folder of its own and load it into the engine under a fresh id."""
         check_lora_config(model.peft_config[name], self.max_lora_rank)
-        folder = self._tmp / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        fingerprint = _fingerprint(model, name)
-        state = get_peft_model_state_dict(model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
-                  metadata={"format": "pt"})  # fmt: skip
-        model.peft_config[name].save_pretrained(str(folder))
-        self.wake_up()  # add_lora writes the adapter into GPU slots
-        engine = self.llm.llm_engine
-        old = self._served.pop(name, None)
-        if old is not None:
-            engine.remove_lora(old.request.lora_int_id)
-        request = importlib.import_module("vllm.lora.request").LoRARequest(f"{name}-{self._next_id}", self._next_id,
-                                                                           str(folder))  # fmt: skip
+        lora_id = self._next_id
         self._next_id += 1
+        folder = save_adapter(model, name, self._tmp / f"{name}-{lora_id}")
+        self.wake_up()  # add_lora writes the adapter into GPU slots
+        request = importlib.import_module("vllm.lora.request").LoRARequest(f"{name}-{lora_id}", lora_id, str(folder))
         try:
-            loaded = engine.add_lora(request)
+            loaded = self.llm.llm_engine.add_lora(request)
         except Exception as err:
             raise RuntimeError(f"vLLM could not load the adapter {name!r} saved in {folder}: {err}") from err
         if loaded is False:
             raise RuntimeError(f"vLLM refused the adapter {name!r} saved in {folder} (add_lora returned False)")
-        self._served[name] = _Served(request, fingerprint, model)
-        for gone in [n for n, s in self._served.items() if n not in s.model.peft_config]:
-            engine.remove_lora(self._served.pop(gone).request.lora_int_id)  # a released population member
-        if len(self._served) > self.max_cpu_loras:
-            self._warn_once("cpu", "%d adapters are served but VLLMConfig.max_cpu_loras=%d: switching agents re-reads "
-                            "adapters from disk; raise max_cpu_loras to the population size", len(self._served),
-                            self.max_cpu_loras)  # fmt: skip
+        return request
+
+    def _unload(self, request: Any) -> None:
+        """Remove an adapter version from the engine (awake: its GPU slot is written) and delete its folder."""
+        if self.llm is not None:
+            self.wake_up()  # always followed by a load, which wakes the engine anyway
+            self.llm.llm_engine.remove_lora(request.lora_int_id)
+        shutil.rmtree(request.lora_path, ignore_errors=True)
 
     def _ensure_served(self, name: str) -> Any:
         """The adapter's current request, syncing it first if it is new or changed since its last sync."""
-        served = self._served.get(name)
-        model = served.model if served is not None else self._model
-        if served is None or served.fingerprint != _fingerprint(model, name):
-            if name not in model.peft_config:
-                raise KeyError(f"adapter {name!r} is not in the model (adapters: {sorted(model.peft_config)})")
-            if served is not None:
-                logger.info("adapter %r changed outside learn/load/clone since its last sync: re-syncing", name)
-            self._serve(model, name)
-        return self._served[name].request
+        request = self._adapters.current(name)
+        self._check_cpu_loras()
+        return request
+
+    def _check_cpu_loras(self) -> None:
+        if len(self._adapters) > self.max_cpu_loras:
+            self._warn_once("cpu", "%d adapters are served but max_cpu_loras=%d: switching agents re-reads adapters "
+                            "from disk; build the population with create_population (it sizes the engine) or set "
+                            "VLLMConfig(population_size=N)", len(self._adapters), self.max_cpu_loras)  # fmt: skip
 
     # --------------------------------------------------------------- generation
     def generate(
@@ -324,12 +319,7 @@ class VLLMBackend:
             raise ValueError("got no batches: pass one AdapterBatch per adapter")
         requests, params, unpadded = [], [], []
         for batch in batches:
-            _, _, ids = left_pad(batch.prompts, self.pad_token_id)
-            budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, self.max_model_len,
-                                       warn="budget" not in self._warned)  # fmt: skip
-            if budget < batch.sampling.max_new_tokens:
-                self._warned.add("budget")
-            sampling = dataclasses.replace(batch.sampling, max_new_tokens=budget)
+            ids, sampling = fit_batch(batch, self.pad_token_id, self.max_model_len, self._warned)
             kwargs = sampling_params_kwargs(sampling, self.eos_token_ids, logprobs=self.config.logprobs)
             requests.append(self._ensure_served(batch.adapter_name))
             params.append(self.vllm.SamplingParams(**kwargs))
@@ -362,7 +352,7 @@ class VLLMBackend:
     def close(self) -> None:
         """Shut the engine down, free its GPU memory and delete the adapter folders (idempotent)."""
         llm, self.llm = self.llm, None
-        self._served.clear()
+        self._adapters.clear()
         _LIVE.discard(self)
         if llm is not None:
             try:
@@ -446,27 +436,6 @@ def _rollout_logprobs(outputs: Sequence[Any], unpadded: Sequence[Tensor], masks:
                 logp[g, len(prompt) - 1 + t] = float(getattr(entry, "logprob", entry))
         result.append(logp)
     return result
-
-
-def truncated_importance_weights(
-    trainer_logps: Tensor, rollout_logps: Tensor, mask: Tensor, cap: float = 2.0
-) -> Tensor:
-    """Truncated importance-sampling weights ``min(exp(trainer - rollout), cap)`` per token (TRL's TIS).
-
-    vLLM's kernels sample from a slightly different distribution than the trainer computes; scaling
-    each token's policy loss by this (detached) weight corrects the resulting off-policy bias.
-
-    Args:
-        trainer_logps: ``[B, T]`` the trainer's log-probs of the sampled tokens (no gradient needed).
-        rollout_logps: ``[B, T]`` vLLM's log-probs of the same tokens (``last_logprobs``).
-        mask: ``[B, T]`` bool, the completion tokens.
-        cap: Upper clamp of a weight.
-
-    Returns:
-        ``[B, T]`` weights, 0 outside the mask.
-    """
-    ratio = torch.exp(trainer_logps.detach().float() - rollout_logps.float()).clamp(max=cap)
-    return torch.where(mask.bool(), ratio, torch.zeros_like(ratio))
 
 
 def logprob_drift(trainer_logps: Tensor, rollout_logps: Tensor, mask: Tensor) -> dict[str, float]:

@@ -67,8 +67,11 @@ class VLLMConfig:
             agents' ``r`` (a larger one allocates LoRA memory for nothing).
         max_loras: Adapters on the GPU in one engine step (a population generating in one call
             runs fastest with one per agent).
-        max_cpu_loras: Adapters cached in CPU memory; None: ``max(max_loras, 8)``. Below the
-            population size every switch between agents re-reads an adapter from disk.
+        max_cpu_loras: Adapters cached in CPU memory; None: ``max(max_loras, 8, population_size)``.
+            A value below ``population_size`` is refused: every switch between agents would re-read
+            an adapter from disk.
+        population_size: Agents sharing this engine (clones of the agent that builds it);
+            :func:`~llm_gym.algorithms.grpo.population.create_population` sets it.
         enforce_eager: Skip CUDA-graph capture (graphs stay resident through sleep; True when colocated).
         sleep_level: Must be 1 (weights kept in CPU memory). Level 2 discards the base weights,
             which the LoRA-only sync never reloads.
@@ -77,8 +80,9 @@ class VLLMConfig:
         distributed_executor_backend: ``"auto"``: ``"external_launcher"`` (in-process engine) when
             ``tensor_parallel_size == 1``, else vLLM's own engine process; or any vLLM value (None
             for vLLM's default).
-        logprobs: Also return the sampled tokens' log-probs (``last_logprobs``) for an
-            importance-sampling correction (:func:`truncated_importance_weights`).
+        logprobs: Also return the sampled tokens' log-probs (``last_logprobs``, vLLM's
+            ``processed_logprobs``: after temperature, top-k and top-p) for the importance-sampling
+            correction (``GRPOConfig.vllm_importance_sampling_correction`` turns it on).
     """
 
     sleep_mode: bool = False
@@ -89,6 +93,7 @@ class VLLMConfig:
     max_lora_rank: int | None = None
     max_loras: int = 1
     max_cpu_loras: int | None = None
+    population_size: int = 1
     enforce_eager: bool = True
     sleep_level: int = 1
     max_prompt_len: int = 1024
@@ -101,7 +106,7 @@ class VLLMConfig:
                 f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]; the trainer shares the GPU, "
                 "so 0.2-0.5 is typical"
             )
-        for name in ("max_num_seqs", "tensor_parallel_size", "max_loras", "max_prompt_len"):
+        for name in ("max_num_seqs", "tensor_parallel_size", "max_loras", "max_prompt_len", "population_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.sleep_level != 1:
@@ -113,6 +118,10 @@ class VLLMConfig:
             raise ValueError(f"max_lora_rank={self.max_lora_rank} must be one of vLLM's {LORA_RANKS} (or None)")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.population_size:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} is below the population size {self.population_size}: "
+                             f"set VLLMConfig(max_cpu_loras>={self.population_size}), or None to size it from the "
+                             "population")  # fmt: skip
         if self.distributed_executor_backend not in EXECUTORS:
             raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r} must be one of "
                              f"{EXECUTORS}")  # fmt: skip
@@ -319,7 +328,7 @@ def engine_kwargs(agent: Any, config: VLLMConfig) -> dict[str, Any]:
         "enable_lora": True,
         "max_lora_rank": max_rank,
         "max_loras": config.max_loras,
-        "max_cpu_loras": config.max_cpu_loras or max(config.max_loras, 8),
+        "max_cpu_loras": config.max_cpu_loras or max(config.max_loras, 8, config.population_size),
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "tensor_parallel_size": config.tensor_parallel_size,
         "max_num_seqs": config.max_num_seqs,
@@ -338,5 +347,7 @@ def engine_kwargs(agent: Any, config: VLLMConfig) -> dict[str, Any]:
     elif agent.seed is not None:
         kwargs["seed"] = agent.seed
     if config.logprobs:
-        kwargs["logprobs_mode"] = "raw_logprobs"  # temperature-1 log-probs, as the trainer computes them
+        # the distribution sampled from (after temperature, top-k, top-p): the trainer scores the tokens at the
+        # agent's temperature too (update.policy_logps), so the two agree up to kernel drift (and top-k/top-p)
+        kwargs["logprobs_mode"] = "processed_logprobs"
     return kwargs

@@ -22,8 +22,10 @@ of the base (for the update); the server never sees the base change, only adapte
   ``return_token_ids`` (recent vLLM releases) plus ``logprobs=1`` with ``return_tokens_as_token_ids``, so the
   completion's token ids come back exactly, never re-tokenised from text (from the ``token_id:N``
   log-prob tokens on servers without ``return_token_ids``). The sampled tokens' log-probs are kept in
-  :attr:`VLLMServerBackend.last_logprobs` (vLLM's default ``--logprobs-mode raw_logprobs``:
-  temperature 1, as the trainer computes them). A population's requests go out concurrently.
+  :attr:`VLLMServerBackend.last_logprobs`, in the server's ``--logprobs-mode`` (vLLM's default
+  ``raw_logprobs`` is at temperature 1; the trainer scores at the agent's temperature, so for
+  ``GRPOConfig.vllm_importance_sampling_correction`` with a temperature other than 1 start the server
+  with ``--logprobs-mode processed_logprobs``). A population's requests go out concurrently.
 * **Restarts.** A refused or dropped connection or a 502/503/504 is retried with backoff for up to
   ``restart_wait`` seconds. A restarted server has forgotten its runtime adapters: the completion
   request's 404 for the unknown adapter name makes the backend load that adapter again (from its
@@ -39,6 +41,7 @@ import dataclasses
 import http.client
 import json
 import logging
+import math
 import secrets
 import shutil
 import tempfile
@@ -56,9 +59,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_gym.algorithms.rollout.backend import GenerationOutput, SamplingConfig, generation_budget
-from llm_gym.algorithms.rollout.completions import left_pad, split_completions
-from llm_gym.algorithms.rollout.vllm import AdapterBatch  # one batch type for both vLLM backends
+from llm_gym.algorithms.rollout.adapter_sync import AdapterSync, save_adapter
+from llm_gym.algorithms.rollout.backend import (
+    AdapterBatch,
+    GenerationOutput,
+    SamplingConfig,
+)
+from llm_gym.algorithms.rollout.completions import split_completions
+from llm_gym.algorithms.rollout.vllm import fit_batch  # the budget rule of both vLLM backends
 from llm_gym.algorithms.rollout.vllm_engine import check_lora_config
 
 __all__ = ["ServerUnreachable", "VLLMServerBackend", "VLLMServerConfig", "build_vllm_server_backend"]
@@ -130,18 +138,12 @@ def _message(body: Any) -> str:
     return str(body)
 
 
-def _fingerprint(model: Any, adapter_name: str) -> tuple[tuple[int, int, int], ...]:
-    """Identity, storage and version counter of the adapter's tensors: any in-place write changes it."""
-    marker = f".{adapter_name}."
-    return tuple((id(p), p.data_ptr(), p._version) for n, p in model.named_parameters() if marker in n)
-
-
 @dataclass
-class _Served:
+class _Loaded:
+    """One served version of an adapter: its name on the server and its folder (renamed on a re-load)."""
+
     lora_name: str
     folder: Path
-    fingerprint: tuple[tuple[int, int, int], ...]
-    model: Any
 
 
 class VLLMServerBackend:
@@ -173,7 +175,6 @@ class VLLMServerBackend:
         self.pad_token_id = agent.pad_token_id
         self.eos_token_ids = list(agent.eos_token_ids)
         self.max_model_len = agent.max_model_len
-        self._model = agent.model
         check_lora_config(agent.model.peft_config[agent.adapter_name])  # what vLLM cannot serve, before any request
         try:
             models = self._request("GET", "/models", None, wait=False)
@@ -192,7 +193,7 @@ class VLLMServerBackend:
             self._dir = Path(config.adapter_dir) / self.prefix
             self._dir.mkdir(parents=True, exist_ok=True)
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
-        self._served: dict[str, _Served] = {}
+        self._adapters = AdapterSync(agent.model, self._load_version, self._unload)
         self._next = 1
         self._lock = threading.Lock()  # sync and re-loads from concurrent requests
         self._closed = False
@@ -254,20 +255,19 @@ class VLLMServerBackend:
         """
         self._check_open()
         with self._lock:
-            self._serve(agent.model, agent.adapter_name)
+            self._adapters.serve(agent.model, agent.adapter_name)
 
-    def _save(self, model: Any, name: str, lora_name: str) -> Path:
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+    @property
+    def served_names(self) -> dict[str, str]:
+        """By adapter, the name its current version is served under."""
+        return {name: served.handle.lora_name for name, served in self._adapters.served.items()}
 
-        folder = self._dir / lora_name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        state = get_peft_model_state_dict(model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors",
-                  metadata={"format": "pt"})  # fmt: skip
-        model.peft_config[name].save_pretrained(str(folder))
-        return folder
+    def _load_version(self, model: Any, name: str) -> _Loaded:
+        """Save adapter ``name`` under a fresh served name and load it into the server (lock held)."""
+        lora_name = self._fresh_name(name)
+        folder = save_adapter(model, name, self._dir / lora_name)
+        self._load(lora_name, folder)
+        return _Loaded(lora_name, folder)
 
     def _fresh_name(self, name: str) -> str:
         lora_name = f"{self.prefix}-{name}-{self._next}"
@@ -280,7 +280,7 @@ class VLLMServerBackend:
         except _HTTPError as err:
             raise RuntimeError(_load_error(self.base_url, folder, err)) from None
 
-    def _unload(self, served: _Served) -> None:
+    def _unload(self, served: _Loaded) -> None:
         """Unload a name the backend no longer uses, and delete its folder (a 404: already gone)."""
         try:
             self._request("POST", "/unload_lora_adapter", {"lora_name": served.lora_name})
@@ -291,23 +291,10 @@ class VLLMServerBackend:
             logger.warning("could not unload %s: %s", served.lora_name, err)
         shutil.rmtree(served.folder, ignore_errors=True)
 
-    def _serve(self, model: Any, name: str) -> None:
-        """Save adapter ``name``, load it under a fresh name, then unload its previous name (lock held)."""
-        fingerprint = _fingerprint(model, name)
-        lora_name = self._fresh_name(name)
-        folder = self._save(model, name, lora_name)
-        self._load(lora_name, folder)
-        old = self._served.get(name)
-        self._served[name] = _Served(lora_name, folder, fingerprint, model)
-        if old is not None:
-            self._unload(old)
-        for gone in [n for n, s in self._served.items() if n not in s.model.peft_config]:
-            self._unload(self._served.pop(gone))  # a released population member
-
     def _reload(self, name: str, lost: str) -> str:
         """Load adapter ``name`` again after the server lost ``lost`` (a restart); returns the name to use."""
         with self._lock:
-            served = self._served[name]
+            served = self._adapters.served[name].handle
             if served.lora_name != lost:  # another request already re-loaded it
                 return served.lora_name
             lora_name = self._fresh_name(name)
@@ -320,15 +307,7 @@ class VLLMServerBackend:
     def _ensure_served(self, name: str) -> str:
         """The served name of adapter ``name``, syncing it first if it is new or changed since."""
         with self._lock:
-            served = self._served.get(name)
-            model = served.model if served is not None else self._model
-            if served is None or served.fingerprint != _fingerprint(model, name):
-                if name not in model.peft_config:
-                    raise KeyError(f"adapter {name!r} is not in the model (adapters: {sorted(model.peft_config)})")
-                if served is not None:
-                    logger.info("adapter %r changed outside learn/load/clone since its last sync: re-syncing", name)
-                self._serve(model, name)
-            return self._served[name].lora_name
+            return self._adapters.current(name).lora_name
 
     # --------------------------------------------------------------- generation
     def generate(
@@ -369,12 +348,7 @@ class VLLMServerBackend:
             raise ValueError("got no batches: pass one AdapterBatch per adapter")
         jobs = []
         for batch in batches:
-            _, _, ids = left_pad(batch.prompts, self.pad_token_id)
-            budget = generation_budget(max(len(i) for i in ids), batch.sampling.max_new_tokens, self.max_model_len,
-                                       warn="budget" not in self._warned)  # fmt: skip
-            if budget < batch.sampling.max_new_tokens:
-                self._warned.add("budget")
-            sampling = dataclasses.replace(batch.sampling, max_new_tokens=budget)
+            ids, sampling = fit_batch(batch, self.pad_token_id, self.max_model_len, self._warned)
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from torch's RNG: manual_seed repeats a run
             jobs.append((batch.adapter_name, self._ensure_served(batch.adapter_name), ids, sampling, seed))
         if len(jobs) == 1:
@@ -439,12 +413,11 @@ class VLLMServerBackend:
         if self._closed:
             return
         self._closed = True
-        for served in self._served.values():
+        for served in self._adapters.clear():
             try:
                 self._request("POST", "/unload_lora_adapter", {"lora_name": served.lora_name}, wait=False)
             except (_HTTPError, ServerUnreachable):
                 pass  # a server that is gone has nothing left to unload
-        self._served.clear()
         self._cleanup()
 
     def _check_open(self) -> None:
@@ -499,13 +472,18 @@ def _read_choices(answer: Any, expected: int, base_url: str) -> tuple[list[list[
 def _rollout_logprobs(
     unpadded: Sequence[Tensor], masks: Sequence[Tensor], row_logps: Sequence[list[float] | None], group_size: int
 ) -> list[Tensor]:
-    """Per prompt ``[G, L_i + C_i - 1]`` float: each sampled token's log-prob at its mask position, else 0."""
+    """Per prompt ``[G, L_i + C_i - 1]`` float: each sampled token's log-prob at its mask position, else 0.
+
+    A completion the server returned without log-probs gets NaN at its mask positions (the
+    importance-sampling correction then skips the batch rather than weight it by made-up values).
+    """
     result = []
     for p, (prompt, mask) in enumerate(zip(unpadded, masks, strict=True)):
         logp = torch.zeros(mask.shape, dtype=torch.float32)
         for g in range(group_size):
             values = row_logps[p * group_size + g]
             if values is None:
+                logp[g][mask[g]] = math.nan
                 continue
             for t in range(int(mask[g].sum())):
                 logp[g, len(prompt) - 1 + t] = float(values[t])

@@ -14,6 +14,7 @@ from llm_gym.algorithms.grpo.loss import (
     group_advantages,
     grpo_loss,
     k3_kl,
+    truncated_importance_weights,
 )
 
 TOL = 1e-6
@@ -380,3 +381,29 @@ def _call(**overrides: object) -> LossOutput:
 def test_grpo_loss_validation(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _call(**overrides)
+
+
+def test_importance_sampling_weights_scale_each_tokens_policy_term_by_hand():
+    # Two sequences of two tokens; the second token of row 1 is padding.
+    # trainer - engine log-prob differences: ln 0.5, ln 3, ln 1.5, (padding) -> weights 0.5, min(3, 2) = 2, 1.5, 0
+    engine = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], dtype=F64)
+    trainer = engine + torch.tensor([[ln(0.5), ln(3.0)], [ln(1.5), 100.0]], dtype=F64)
+    mask = torch.tensor([[True, True], [True, False]])
+    weights = truncated_importance_weights(trainer, engine, mask, cap=2.0)
+    close(weights, [[0.5, 2.0], [1.5, 0.0]])
+    # On-policy (old_logp None: ratio 1), advantages +1 and -2, beta 0, "grpo" loss:
+    # per-token loss -A * w = [-0.5, -2.0] and [3.0]; per-sequence means -1.25 and 3.0; batch mean 0.875
+    logp = trainer.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, -2.0], dtype=F64)
+    out = grpo_loss(logp, None, None, adv, mask, beta=0.0, clip_low=0.2, clip_high=0.2, is_weights=weights)
+    close(out.loss, 0.875)
+    close(out.metrics["grpo/is_ratio_mean"], (0.5 + 2.0 + 1.5) / 3)
+    out.loss.backward()
+    # d loss / d logp_t = -A * w_t / (tokens of the row * rows): [-0.125, -0.5] and [1.5, 0]
+    close(logp.grad, [[-0.125, -0.5], [1.5, 0.0]])
+    # The KL term is added unweighted (as TRL does): ref = logp - 1 on row 0's tokens, k3 = e^-1 + 1 - 1 = e^-1
+    ref = trainer.detach() - 1.0
+    with_kl = grpo_loss(trainer, None, ref, adv, mask, beta=0.1, clip_low=0.2, clip_high=0.2, is_weights=weights)
+    close(with_kl.loss, 0.875 + 0.1 * math.exp(-1.0))
+    with pytest.raises(ValueError, match="the importance-sampling cap must be > 0, got 0.0"):
+        truncated_importance_weights(trainer, engine, mask, cap=0.0)

@@ -7,7 +7,7 @@ per-prompt list of params and LoRA requests; ``llm_engine.add_lora/remove_lora/l
 ``sleep(level)``/``wake_up(tags)``; ``SamplingParams`` rejects unknown fields and greedy ``n > 1``;
 stopping follows ``ignore_eos``/``stop_token_ids`` (the generation config's EOS id counts only
 without ``ignore_eos``). It is stricter than vLLM where a real run would silently go wrong:
-generating or loading an adapter while asleep raises.
+generating, loading or removing an adapter while asleep raises.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class _FakeEngine:
         return True
 
     def remove_lora(self, lora_id):
+        if self.llm.sleeping:
+            raise RuntimeError("remove_lora while asleep resets an unmapped GPU slot")
         self.llm.removed.append(lora_id)
         return self.loras.pop(lora_id, None) is not None
 
@@ -430,11 +432,11 @@ def _phases(llm):
 def test_training_loop_wakes_once_per_rollout_sleeps_once_per_learn_and_closes(fake_vllm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pop, llm = _phase_run(2)
-    # step 1: agent 0 rolls out on the engine as built (awake), learns; agent 1 wakes it, rolls out, learns.
-    # step 2: the same for both; then one evaluation phase (both agents, one wake) and close.
-    rollout_then_learn = ["wake_up", "gen", "sleep"]
-    assert _phases(llm) == ["gen", "sleep"] + 3 * rollout_then_learn + ["wake_up", "gen", "sleep2"]
-    assert [e for e in llm.events if e[0] == "sleep"].count(("sleep", 1)) == 4  # 2 steps x 2 agents learn
+    # step 1: both agents roll out in ONE generate call on the engine as built (awake), then learn (one sleep);
+    # step 2: one wake, one call, learn; then one evaluation phase (both agents, one wake, one call) and close.
+    assert _phases(llm) == ["gen", "sleep", "wake_up", "gen", "sleep", "wake_up", "gen", "sleep2"]
+    assert [e[0] for e in llm.events].count("generate") == 3
+    assert [e for e in llm.events if e[0] == "sleep"].count(("sleep", 1)) == 2  # the second learn finds it asleep
     assert llm.llm_engine.shutdowns == [1] and all(a.backend.llm is None for a in pop)
     assert len(vllm_backend._LIVE) == 0
     pop[0].close()
@@ -552,7 +554,7 @@ def test_engine_context_cuts_the_budget_or_refuses_the_prompt(fake_vllm, caplog)
 
 def test_rollout_logprobs_align_with_the_action_masks(fake_vllm):
     agent = _vllm_agent(VLLMConfig(logprobs=True))
-    assert agent.backend.llm.kwargs["logprobs_mode"] == "raw_logprobs"
+    assert agent.backend.llm.kwargs["logprobs_mode"] == "processed_logprobs"
     ids, masks = agent.get_action([prompt([5, 6, 7])])
     (logps,) = agent.backend.last_logprobs[0]
     assert logps.shape == masks[0].shape

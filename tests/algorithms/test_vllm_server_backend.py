@@ -138,18 +138,29 @@ def test_a_population_has_one_served_adapter_per_member(server):
     assert not any("agent1" in c["id"] for c in server.models()["data"])
 
 
+def test_importance_sampling_against_the_server_weights_its_own_model_by_one(server):
+    # The stand-in server scores with the trainer's own model and adapter: every TIS weight is exp(0) = 1 up to
+    # float noise, so the weighted update equals the plain one. (A real engine's kernels drift; its weights vary.)
+    agent = _agent(server, vllm_importance_sampling_correction=True, beta=0.0)
+    _learn_once(agent)  # a served adapter that is not the base
+    ids, masks = agent.get_action(_prompts())
+    rewards = torch.arange(len(PROMPTS) * agent.group_size, dtype=torch.float32).reshape(len(PROMPTS), -1) % 3
+    assert agent.learn((ids, masks, rewards))["grpo/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert "grpo/is_ratio_mean" not in _agent(server, beta=0.0).learn((ids, masks, rewards))  # off by default
+
+
 def test_a_restarted_server_gets_its_adapters_back(server, caplog):
     agent = _agent(server)
     _learn_once(agent)
     torch.manual_seed(3)
     before = agent.get_action(_prompts())[0]
-    served = agent.backend._served["default"].lora_name
+    served = agent.backend.served_names["default"]
     server.restart()  # up again at once, without the adapter
     caplog.set_level(logging.WARNING)
     torch.manual_seed(3)
     after = agent.get_action(_prompts())[0]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the same weights served again
-    assert server.loaded[-1] != served and server.loaded[-1] == agent.backend._served["default"].lora_name
+    assert server.loaded[-1] != served and server.loaded[-1] == agent.backend.served_names["default"]
     assert any(f"forgot adapter {served}" in r.message for r in caplog.records)
 
     server.restart(down_for=1.0)  # now the next request finds no server for a second
@@ -254,13 +265,15 @@ def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monke
                          hp_config=HyperparameterConfig(lr=RLParameter(1e-4, 1e-1, log_scale=True)))  # fmt: skip
     caplog.set_level(logging.WARNING)
     with LoRAServer(model_path, name="tiny") as server:
-        # Requests: agent0 and agent1 each sample (steps 1, 2), then agent0 scores 2 batches of test problems:
-        # a restart after that first batch (request 5) leaves the second one to a server that is down for 0.5 s,
-        # then back without agent0's adapter, which has not changed since (nothing to sync before asking).
+        # Requests (concurrency=1: one at a time, in agent order): the population samples in one
+        # generate_batches call per step (agent0, agent1; steps 1, 2), then scores 2 batches of test problems,
+        # both agents per batch: a restart after agent0's first batch (request 5) leaves agent1's to a server
+        # that is down for 0.5 s, then back without either adapter, neither changed since (nothing to sync
+        # before asking): agent1's request and then agent0's second one are refused once each (404) and resent.
         server.restart_after(5, down_for=0.5)
         pop = create_population(2, model_name=model_path, pad_token_id=tokenizer.pad_token_id, device="cpu", seed=0,
                                 group_size=2, max_output_tokens=6, lr=1e-2, lora_config=lora, backend="vllm-server",
-                                backend_config={"base_url": server.base_url})  # fmt: skip
+                                backend_config={"base_url": server.base_url, "concurrency": 1})  # fmt: skip
         model, prefix = pop[0].model, pop[0].backend.prefix
         base0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
         lora0 = {n.replace(".agent0.", "."): p.detach().clone() for n, p in model.named_parameters() if ".agent0." in n}
@@ -269,15 +282,15 @@ def test_a_population_trains_through_the_server_across_a_restart(tmp_path, monke
                                      close_backends=False)  # the test closes the backend itself  # fmt: skip
         served_now = {c["id"] for c in server.models()["data"]} - {"tiny"}
         backend = pop[0].backend
-        last_names = {s.lora_name for s in backend._served.values()}
+        last_names = set(backend.served_names.values())
         backend.close()
         served_after_close = {c["id"] for c in server.models()["data"]} - {"tiny"}
 
     assert server.restarts == 1 and any("does not answer" in r.message for r in caplog.records)
     assert any("(restarted?): loading" in r.message for r in caplog.records)
     # every rollout and evaluation went through the server, each with a served adapter, never the base
-    # 2 agents x 4 steps of sampling, 2 agents x 2 evaluations x 2 batches, and the batch refused after the restart
-    assert server.completions == 2 * 4 + 2 * 2 * 2 + 1 and all(b["model"].startswith(prefix) for b in server.bodies)
+    # 2 agents x 4 steps of sampling, 2 agents x 2 evaluations x 2 batches, and the 2 refused after the restart
+    assert server.completions == 2 * 4 + 2 * 2 * 2 + 2 and all(b["model"].startswith(prefix) for b in server.bodies)
     assert all(torch.equal(base0[n], p) for n, p in model.named_parameters() if "lora_" not in n)  # base untouched
     for agent in pop:
         assert agent.steps == 4
