@@ -9,7 +9,33 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_learning_curve"]
+__all__ = ["label_slots", "plot_learning_curve"]
+
+
+def label_slots(points: Sequence[tuple[int, float]]) -> list[tuple[float, int]]:
+    """Where the mutation labels of a plot go: per label its anchor height and its row above it.
+
+    Every label of one step is stacked in its own row above the highest marked point of that step
+    (labels of nearby points at one step, e.g. 0.320 and 0.325, would otherwise print over each
+    other); the lowest point gets the lowest row.
+
+    Args:
+        points: The marked ``(step, value)`` of each label, in drawing order.
+
+    Returns:
+        Per label, in the same order, ``(anchor value, row)``: the text sits ``row`` rows above
+        ``(step, anchor value)``.
+    """
+    top: dict[int, float] = {}
+    for step, value in points:
+        top[step] = max(top.get(step, -math.inf), value)
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1], i))
+    rows: dict[int, int] = {}
+    used: dict[int, int] = defaultdict(int)
+    for i in order:
+        rows[i] = used[points[i][0]]
+        used[points[i][0]] += 1
+    return [(top[step], rows[i]) for i, (step, _) in enumerate(points)]
 
 
 def plot_learning_curve(
@@ -81,7 +107,7 @@ def plot_learning_curve(
     start = [v for points in series.values() for step, v in points if step == 0]
     if start:
         ax.axhline(max(start), ls=":", color="tab:grey", lw=1.2, label=f"start (step 0): {max(start):.3f}")
-    labels_at: dict[tuple[int, float], int] = defaultdict(int)  # mutation labels already placed at a point
+    mutations: list[tuple[tuple[int, float], str]] = []  # (marked point, label), placed after the loop
     last_step = max((s for points in series.values() for s, _ in points), default=0)
 
     for event in events:
@@ -97,16 +123,16 @@ def plot_learning_curve(
             at = value_at(int(agent), step, after=True) or value_at(int(agent), step, after=False)
             if at:
                 ax.plot(*at, marker="^", markersize=8, color="red", markeredgecolor="black")
-                # Stack the labels of one step (every mutated agent, often at the same point).
-                k = labels_at[(at[0], round(at[1], 9))]
-                labels_at[(at[0], round(at[1], 9))] += 1
-                # Near the right edge a label would run off the axes (into the legend): put it left of the point.
-                left = last_step > 0 and at[0] >= 0.85 * last_step
-                ax.annotate(
-                    f"a{agent} {event.get('hp', '')}", at, textcoords="offset points",
-                    xytext=(-5 if left else 5, 6 + 10 * k), ha="right" if left else "left", fontsize=7,
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
-                )
+                mutations.append((at, f"a{agent} {event.get('hp', '')}"))
+    slots = label_slots([at for at, _ in mutations])
+    for ((step, _), text), (anchor, row) in zip(mutations, slots, strict=True):
+        # Near the right edge a label would run off the axes (into the legend): put it left of the point.
+        left = last_step > 0 and step >= 0.85 * last_step
+        ax.annotate(
+            text, (step, anchor), textcoords="offset points", xytext=(-5 if left else 5, 6 + 10 * row),
+            ha="right" if left else "left", fontsize=7,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+        )
     if max_fitness is not None:
         ax.axhline(max_fitness, ls=":", color="grey", lw=1.0)
     # Headroom above the highest point for the stacked mutation labels (one row of text ~ 4 %).
@@ -114,7 +140,7 @@ def plot_learning_curve(
     if values:
         low, high = min(values), max(values)
         span = (high - low) or max(abs(high), 1.0) * 0.1
-        rows = max(labels_at.values(), default=0)
+        rows = max((row + 1 for _, row in slots), default=0)
         ax.set_ylim(low - 0.05 * span, high + span * (0.08 + 0.05 * rows))
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel or value)

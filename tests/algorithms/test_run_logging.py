@@ -230,3 +230,11 @@ def test_report_table_and_summary_by_hand():
     assert [c.strip() for c in lines[2].split("|")] == ["SFT start", "400", "0.250", "0.022", "0.900", "1.000"]
     assert lines[-1] == "gain in exact accuracy: +25.0 points (+- 3.3 s.e.)"
     assert accuracy_se(0.5, 0) != accuracy_se(0.5, 0)  # NaN without problems
+
+
+def test_mutation_labels_of_one_step_get_their_own_rows_above_its_highest_point():
+    from llm_gym.algorithms.run.plots import label_slots
+
+    # step 75: three mutated agents at 0.325, 0.32 (the labels printed over each other before) and 0.35
+    points = [(75, 0.325), (75, 0.32), (50, 0.285), (75, 0.35), (100, 0.34)]
+    assert label_slots(points) == [(0.35, 1), (0.35, 0), (0.285, 0), (0.35, 2), (0.34, 0)]
