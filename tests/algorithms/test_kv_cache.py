@@ -8,6 +8,7 @@ from grpo_tiny import EOS, make_model, prompt, single_thread
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llm_gym.algorithms.plumbing import kv_cache
 from llm_gym.algorithms.plumbing.kv_cache import PreallocatedLayer, _moves, preallocate
 from llm_gym.algorithms.rollout.completions import left_pad
 from llm_gym.algorithms.rollout.decoding import decode
@@ -68,7 +69,8 @@ def test_row_selection_repetition_and_crop_match_dynamic_layer():
 
 
 @pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0, 2, 3, 5], [0, 1, 2, 3, 4], [4], [0, 1, 2], [2, 3, 4, 5], [0, 3, 4, 5]])
-def test_dropping_rows_compacts_in_place_like_dynamic_layer(keep):
+def test_dropping_rows_compacts_in_place_like_dynamic_layer(keep, monkeypatch):
+    monkeypatch.setattr(kv_cache, "MIN_MOVE_BYTES", 0)  # these rows are tiny: move them in place anyway
     plain, layer = _twins(rows=6, positions=5, capacity=9)
     buffer = layer._keys.data_ptr()
     index = torch.tensor(keep)
@@ -86,6 +88,22 @@ def test_dropping_rows_compacts_in_place_like_dynamic_layer(keep):
         plain.batch_select_indices(again)
         layer.batch_select_indices(again)
         assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+
+
+def test_small_rows_are_copied_whole_and_large_rows_moved_in_place():
+    # one row of 2 heads x 5 positions x 4 fp32 = 160 bytes: far below MIN_MOVE_BYTES, copied whole
+    plain, layer = _twins(rows=6, positions=5, capacity=9)
+    buffer = layer._keys.data_ptr()
+    plain.batch_select_indices(torch.tensor([0, 2, 3]))
+    layer.batch_select_indices(torch.tensor([0, 2, 3]))
+    assert torch.equal(layer.keys, plain.keys) and layer._keys.data_ptr() != buffer
+    # 2 heads x 4 positions x 2048 fp32 = 64 KiB per row: exactly MIN_MOVE_BYTES, moved in place
+    keys = torch.randn(4, 2, 4, 2048)
+    layer = PreallocatedLayer(keys, -keys, 6)
+    buffer = layer._keys.data_ptr()
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    assert layer._keys.data_ptr() == buffer
+    assert torch.equal(layer.keys, keys[[1, 3]]) and torch.equal(layer.values, -keys[[1, 3]])
 
 
 def test_moves_shift_each_run_down_in_chunks_no_longer_than_the_shift():
