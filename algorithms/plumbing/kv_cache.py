@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["PreallocatedLayer", "preallocate"]
+__all__ = ["MIN_MOVE_BYTES", "PreallocatedLayer", "preallocate"]
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -66,8 +66,28 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep the rows ``indices`` (one copy of the buffers)."""
-        self._keys, self._values = self._keys[indices], self._values[indices]
+        """Keep the rows ``indices``.
+
+        Dropping rows (strictly increasing indices: the decoding loops' finished rows leaving the
+        batch) compacts the buffers in place: only the rows after the first dropped one move, block
+        by block, and only their filled positions, with no new buffer and no temporary copy. At 128
+        rows of the ``small`` preset copying both whole buffers instead took ~10% of a population
+        decode (a row finishes every few steps); the in-place move is ~10x cheaper. Where the rows
+        are so small that a move copies less than :data:`MIN_MOVE_BYTES` (e.g. the ``tiny`` preset),
+        the per-copy overhead wins and the buffers are copied whole, as are any other selections
+        (repeats, reordering).
+        """
+        rows = self._keys.shape[0]
+        moves = _moves(indices.tolist()) if _drops_rows(indices, rows) else None
+        if moves is None or (moves and _bytes_per_move(self._keys, self._length, moves) < MIN_MOVE_BYTES):
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._views()
+            return
+        kept = indices.numel()
+        for start, stop, shift in moves:
+            for buffer in (self._keys, self._values):
+                buffer[start:stop, :, : self._length].copy_(buffer[start + shift : stop + shift, :, : self._length])
+        self._keys, self._values = self._keys[:kept], self._values[:kept]
         self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -86,6 +106,46 @@ class PreallocatedLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the rows (beam search)."""
         self.batch_select_indices(beam_idx.to(self.device))
+
+
+def _drops_rows(indices: Tensor, rows: int) -> bool:
+    """Whether ``indices`` keeps some of ``rows`` rows in order, each at most once (strictly increasing, in range)."""
+    if indices.dim() != 1 or indices.numel() == 0 or indices.numel() > rows or indices.dtype == torch.bool:
+        return False
+    ordered = bool((indices[1:] > indices[:-1]).all()) if indices.numel() > 1 else True
+    return ordered and int(indices[0]) >= 0 and int(indices[-1]) < rows
+
+
+MIN_MOVE_BYTES = 1 << 16
+"""Below this many bytes per row move (one buffer), dropping rows copies the buffers whole instead
+(:meth:`PreallocatedLayer.batch_select_indices`). Measured for one dropped row of 128 at 100 filled
+positions (fp32, 1 thread, best of 40, shared host): ``tiny`` rows (2 heads x 16, 12.8 KB) ~1.3 ms moved
+in place vs ~0.8 ms copied whole; ``small`` rows (8 x 64, 205 KB) 4.5 vs 60 ms."""
+
+
+def _bytes_per_move(buffer: Tensor, filled: int, moves: list[tuple[int, int, int]]) -> float:
+    row = buffer.shape[1] * filled * buffer.shape[3] * buffer.element_size()
+    return row * sum(stop - start for start, stop, _ in moves) / len(moves)
+
+
+def _moves(kept: list[int]) -> list[tuple[int, int, int]]:
+    """Row copies ``(start, stop, shift)`` (rows ``start:stop`` get rows ``start+shift:stop+shift``), in
+    order, that turn a buffer into its strictly increasing rows ``kept``, in place.
+
+    The rows between two dropped ones move down by the number of rows dropped before them; a run
+    longer than its shift is copied in chunks of ``shift`` rows, so no copy reads a row an earlier
+    copy (or itself) writes.
+    """
+    moves, i = [], 0
+    while i < len(kept):
+        shift = kept[i] - i
+        j = i + 1
+        while j < len(kept) and kept[j] - j == shift:
+            j += 1  # rows i:j all move down by shift
+        if shift:
+            moves.extend((a, min(a + shift, j), shift) for a in range(i, j, shift))
+        i = j
+    return moves
 
 
 def preallocate(cache: Any, capacity: int) -> bool:

@@ -103,7 +103,7 @@ MAX_ROWS = 128
 """Default cap on the rows (prompts x group size, summed over agents) of one batched decode. Measured on the
 ``small`` preset (1 CPU thread, 128 tokens): 4 agents x 32 rows in one decode took 3.8x one agent's
 generation, 8 x 32 rows 9.1x (more than 8 decodes one by one; likely cause: each step where rows finish
-copies the ~630 MB KV cache to compact it), on a loaded host, and the 8-agent KV cache raised the peak memory to 1.42x one agent. Consecutive agents are decoded
+copied the ~630 MB KV cache to compact it; compaction is now in place, ``kv_cache.PreallocatedLayer``), on a loaded host, and the 8-agent KV cache raised the peak memory to 1.42x one agent. Consecutive agents are decoded
 together up to this many rows; an agent with more rows is decoded alone."""
 
 

@@ -8,7 +8,8 @@ from grpo_tiny import EOS, make_model, prompt, single_thread
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llm_gym.algorithms.plumbing.kv_cache import PreallocatedLayer, preallocate
+from llm_gym.algorithms.plumbing import kv_cache
+from llm_gym.algorithms.plumbing.kv_cache import PreallocatedLayer, _moves, preallocate
 from llm_gym.algorithms.rollout.completions import left_pad
 from llm_gym.algorithms.rollout.decoding import decode
 
@@ -65,6 +66,64 @@ def test_row_selection_repetition_and_crop_match_dynamic_layer():
     assert torch.equal(layer.update(k, v)[0], plain.update(k, v)[0])
     with pytest.raises(ValueError, match="crop takes a negative number of positions to remove, got 1"):
         layer.crop(1)
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0, 2, 3, 5], [0, 1, 2, 3, 4], [4], [0, 1, 2], [2, 3, 4, 5], [0, 3, 4, 5]])
+def test_dropping_rows_compacts_in_place_like_dynamic_layer(keep, monkeypatch):
+    monkeypatch.setattr(kv_cache, "MIN_MOVE_BYTES", 0)  # these rows are tiny: move them in place anyway
+    plain, layer = _twins(rows=6, positions=5, capacity=9)
+    buffer = layer._keys.data_ptr()
+    index = torch.tensor(keep)
+    plain.batch_select_indices(index)
+    layer.batch_select_indices(index)
+    assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    assert layer.keys.shape == (len(keep), 2, 5, 4) and layer._keys.shape[2] == 9
+    assert layer._keys.data_ptr() == buffer  # no new buffer: the rows moved within it
+    for step in range(3):  # later steps (and a second drop) still match the concatenating cache
+        k, v = _kv(len(keep), 1, 10 + step)
+        out, ref = layer.update(k, v), plain.update(k, v)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    if len(keep) > 1:
+        again = torch.tensor([0, len(keep) - 1])
+        plain.batch_select_indices(again)
+        layer.batch_select_indices(again)
+        assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+
+
+def test_small_rows_are_copied_whole_and_large_rows_moved_in_place():
+    # one row of 2 heads x 5 positions x 4 fp32 = 160 bytes: far below MIN_MOVE_BYTES, copied whole
+    plain, layer = _twins(rows=6, positions=5, capacity=9)
+    buffer = layer._keys.data_ptr()
+    plain.batch_select_indices(torch.tensor([0, 2, 3]))
+    layer.batch_select_indices(torch.tensor([0, 2, 3]))
+    assert torch.equal(layer.keys, plain.keys) and layer._keys.data_ptr() != buffer
+    # 2 heads x 4 positions x 2048 fp32 = 64 KiB per row: exactly MIN_MOVE_BYTES, moved in place
+    keys = torch.randn(4, 2, 4, 2048)
+    layer = PreallocatedLayer(keys, -keys, 6)
+    buffer = layer._keys.data_ptr()
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    assert layer._keys.data_ptr() == buffer
+    assert torch.equal(layer.keys, keys[[1, 3]]) and torch.equal(layer.values, -keys[[1, 3]])
+
+
+def test_moves_shift_each_run_down_in_chunks_no_longer_than_the_shift():
+    assert _moves([0, 1, 2]) == []  # nothing dropped before a kept row: nothing moves
+    assert _moves([0, 2, 3, 5]) == [(1, 2, 1), (2, 3, 1), (3, 4, 2)]
+    assert _moves([1, 2, 3]) == [(0, 1, 1), (1, 2, 1), (2, 3, 1)]
+    assert _moves([2, 3, 4, 5, 6]) == [(0, 2, 2), (2, 4, 2), (4, 5, 2)]
+
+
+@pytest.mark.parametrize("index", [[1, 0], [0, 0, 1], [2, 3, 4, 5, 6, 7, 8], [-1, 2]])
+def test_other_row_selections_copy(index):
+    """Reordered, repeated or out-of-range rows are not a drop: they go through plain indexing."""
+    plain, layer = _twins(rows=6, positions=5, capacity=9)
+    if max(index) >= 6:
+        with pytest.raises(IndexError):
+            layer.batch_select_indices(torch.tensor(index))
+        return
+    plain.batch_select_indices(torch.tensor(index))
+    layer.batch_select_indices(torch.tensor(index))
+    assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
 
 
 def test_preallocate_swaps_every_filled_layer_of_a_prefilled_cache():
