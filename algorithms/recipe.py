@@ -112,6 +112,9 @@ class TrainConfig:
     ``benchmarks/README.md``, Learning): 100 keeps ``make demo`` within 5 minutes."""
     evo_steps: int = 25
     """Steps between evolutions."""
+    mutation_sd: float = 0.1
+    """Standard deviation of a mutation's multiplicative noise (``lr`` is scaled by ``exp(N(0, sd))``;
+    linear genes by ``1 + N(0, sd)``); 80 % of the non-elite agents get one gene mutated per evolution."""
     evaluation_interval: int = 25
     """Steps between held-out evaluations (fitness on the validation split)."""
     output_dir: str | None = None
@@ -138,6 +141,8 @@ class TrainConfig:
                      "evo_steps", "evaluation_interval", "lora_r"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UsageError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if not self.mutation_sd >= 0:
+            raise UsageError(f"TrainConfig.mutation_sd={self.mutation_sd} must be >= 0")
         if self.group_size < 2:
             raise UsageError(f"TrainConfig.group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
         if self.sft_teacher is None:
@@ -343,7 +348,7 @@ def _evolve_and_report(
         pop, env,
         evo_steps=config.evo_steps if evolve else None,
         tournament=TournamentSelection(2, True, config.population, rand_seed=config.seed) if evolve else None,
-        mutation=Mutations(no_mutation=0.2, rl_hp=0.8, mutation_sd=0.1, rand_seed=config.seed,
+        mutation=Mutations(no_mutation=0.2, rl_hp=0.8, mutation_sd=config.mutation_sd, rand_seed=config.seed,
                            hp_config=mutation_genes(config.beta)) if evolve else None,
         evaluation_interval=config.evaluation_interval,
         max_steps=point.step if point and point.max_reward_reached else config.max_steps,

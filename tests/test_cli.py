@@ -228,6 +228,10 @@ def test_train_config_rejects_a_teacher_or_band_it_cannot_use():
     assert TrainConfig(task="llm_gym/Zebra-v0").sft_teacher == {}
     assert load_config(task="llm_gym/Zebra-v0").sft_teacher == {}
     assert load_config(sft_stop_band=[0.1, 0.5]).sft_stop_band == [0.1, 0.5]
+    with pytest.raises(ValueError, match="TrainConfig.mutation_sd=-0.1 must be >= 0"):
+        TrainConfig(mutation_sd=-0.1)
+    with pytest.raises(ValueError, match="TrainConfig.eval_batch_size=0 must be >= 1"):
+        TrainConfig(eval_batch_size=0)
 
 
 TICTACTOE_RUN = """\
