@@ -91,7 +91,11 @@ def run_seed(config: Any, out_dir: Path) -> dict[str, Any]:
     Returns:
         ``{"seed", "sft", "evolution", "single", "evolution_minus_single_points"}``.
     """
-    single_config = dataclasses.replace(config, population=1, max_steps=config.population * config.max_steps)
+    # A single agent never mutates: its mutation noise stays the default, so one single-agent run
+    # serves every evolution variant of a seed (--runs-dir reuses it).
+    default_sd = next(f.default for f in dataclasses.fields(config) if f.name == "mutation_sd")
+    single_config = dataclasses.replace(config, population=1, max_steps=config.population * config.max_steps,
+                                        mutation_sd=default_sd)  # fmt: skip
     evolution = _run_arm(config, out_dir / f"evolution_s{config.seed}")
     single = _run_arm(single_config, out_dir / f"single_s{config.seed}")
     sft = evolution["sft"]
