@@ -73,8 +73,11 @@ class TrainConfig:
     """Peak learning rate of the warm-up (full fine-tune)."""
     sft_batch_size: int = 32
     """Examples per warm-up step."""
-    population: int = 4
-    """Agents in the population (1 = a plain GRPO run, no evolution)."""
+    population: int = 2
+    """Agents in the population (1 = a plain GRPO run, no evolution). On the demo, at equal generated
+    tokens, 2 agents x 200 steps beat 4 x 100 (seeds 0-2: +25.3 vs +22.5 points) and match one agent
+    x 400 (+24.5): a quarter of the steps per lineage cost more than selection recovered
+    (``benchmarks/README.md``, Learning)."""
     train_size: int = 4000
     """Training problems."""
     test_size: int = 200
@@ -106,10 +109,10 @@ class TrainConfig:
     with more prompts (:mod:`~llm_gym.algorithms.grpo.dynamic`)."""
     max_refills: int = 3
     """Extra prompt batches per step and agent for dynamic sampling's refills."""
-    max_steps: int = 100
+    max_steps: int = 200
     """Training steps (each agent trains on one batch per step). On the demo most of the gain comes in
-    the first 25-50 steps (seeds 0-2: +27.5/+22.5/+17.5 points at 100 steps, +32/+25/+21.5 at 200;
-    ``benchmarks/README.md``, Learning): 100 keeps ``make demo`` within 5 minutes."""
+    the first 25-50 steps; 2 agents x 200 steps cost the wall time of 4 x 100 (the population's batched
+    decode) and keep ``make demo`` within 5 minutes."""
     evo_steps: int = 25
     """Steps between evolutions."""
     mutation_sd: float = 0.1
