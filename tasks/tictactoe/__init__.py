@@ -27,7 +27,6 @@ from llm_gym.tasks.tictactoe.game import (
     EMPTY,
     Player,
     best_moves,
-    board_line,
     free_cells,
     is_formatted,
     model_starts,
@@ -69,7 +68,7 @@ from llm_gym.tasks.tictactoe.training import (
 __all__ = [
     "EMPTY", "ENV_ID", "OPPONENTS", "OUTCOME_REWARDS", "RECIPE", "SYSTEM_PROMPT", "TEST_FRACTION",
     "GameRecord", "GameSetup", "GameStats", "Player", "TicTacToeConfig", "TicTacToeEnv",
-    "batch_options", "best_moves", "board_line", "evaluate_player", "format_reward", "free_cells", "game_records",
+    "batch_options", "best_moves", "evaluate_player", "format_reward", "free_cells", "game_records",
     "invalid_move_reward", "is_formatted", "keep_for_sft", "make_batch", "make_rubric", "model_starts", "move_tag",
     "move_text", "opponent_move", "other", "outcome_reward", "parse_move", "place", "play_games", "render_board",
     "sft_conversation", "stats_table", "game_metrics", "held_out_options", "make_training_env", "sft_examples",

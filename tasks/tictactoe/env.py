@@ -34,11 +34,6 @@ with its free cells numbered (cells 1-9 row by row from the top left) and lists 
     7 | 8 | 9
 
     Free cells: 2, 3, 4, 6, 7, 8, 9. Your move.
-    You: X. Board: X . . . O . . . .
-
-The last line (:func:`~llm_gym.tasks.tictactoe.game.board_line`) repeats the board in a fixed
-shape, one token per cell, right before the model's reply: a small model reads cell ``k`` at the
-same offset on every turn (the grid's free-cell numbers and the list have varying lengths).
 
 ## Action
 The assistant turn's text (a ``gymnasium.spaces.Text``), in the answer format
@@ -101,7 +96,6 @@ from llm_gym.spaces import messages_space, text_space
 from llm_gym.tasks.tictactoe.game import (
     EMPTY,
     Player,
-    board_line,
     free_cells,
     is_formatted,
     model_starts,
@@ -215,10 +209,10 @@ def _config(knobs: Mapping[str, Any]) -> TicTacToeConfig:
     return TicTacToeConfig(**knobs)
 
 
-def _user(status: str, board: str, mark: str, *, over: bool) -> dict[str, str]:
+def _user(status: str, board: str, *, over: bool) -> dict[str, str]:
     body = f"{status}\n\n{render_board(board)}"
     if not over:
-        body += f"\n\nFree cells: {', '.join(map(str, free_cells(board)))}. Your move.\n{board_line(board, mark)}"
+        body += f"\n\nFree cells: {', '.join(map(str, free_cells(board)))}. Your move."
     return {"role": "user", "content": body}
 
 
@@ -298,8 +292,7 @@ class TicTacToeEnv(gym.Env):
             self.mark = "O"
             cell = self._reply()
             status = f"New game. You play O. Your opponent (X) played {cell}."
-        first = _user(status, self._board, self.mark, over=False)
-        self._messages = [{"role": "system", "content": SYSTEM_PROMPT}, first]
+        self._messages = [{"role": "system", "content": SYSTEM_PROMPT}, _user(status, self._board, over=False)]
         return self._observe(), self._info()
 
     def _reply(self) -> int:
@@ -360,7 +353,7 @@ class TicTacToeEnv(gym.Env):
         truncated = outcome is None and len(self._turns) >= self.config.max_turns
         if truncated:
             status, outcome = f"{status} Turn limit of {self.config.max_turns} reached: you lose.", "loss"
-        self._messages.append(_user(status, self._board, self.mark, over=outcome is not None))
+        self._messages.append(_user(status, self._board, over=outcome is not None))
         reward = 0.0 if outcome is None else self._score(outcome)
         return self._observe(), reward, outcome is not None and not truncated, truncated, self._info()
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "EMPTY", "Player", "best_moves", "board_line", "free_cells", "is_formatted", "model_starts", "move_tag", "move_text",
+    "EMPTY", "Player", "best_moves", "free_cells", "is_formatted", "model_starts", "move_tag", "move_text",
     "opponent_move", "other", "parse_move", "place", "render_board", "winner",
 ]
 
@@ -55,19 +55,6 @@ def render_board(board: str) -> str:
     cells = [str(i + 1) if c == EMPTY else c for i, c in enumerate(board)]
     rows = [" | ".join(cells[r : r + 3]) for r in (0, 3, 6)]
     return "\n---------\n".join(rows)
-
-
-def board_line(board: str, mark: str) -> str:
-    """The board on one line for a small model: the mark it plays, then the 9 cells row-major, space-separated.
-
-    Every cell is one token of the embedded tokenizer (`` X``, `` O``, `` .``), so the line has the
-    same tokens in the same places for every board and, closing the user message, sits at a fixed
-    distance from the model's reply.
-
-    >>> board_line("X...O...X", "O")
-    'You: O. Board: X . . . O . . . X'
-    """
-    return f"You: {mark}. Board: {' '.join(board)}"
 
 
 @functools.cache
@@ -171,19 +158,17 @@ def is_formatted(turn: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- scripted players
-def _reason(board: str, mark: str, cell: int) -> str:
-    """A short, true reason for playing ``cell``: the kind of move, then the cell.
-
-    Kept to a few tokens so that the move, not the prose, is what SFT teaches a small model.
-
-    >>> _reason("XX.OO....", "X", 3), _reason("XX.OO....", "O", 3), _reason(".........", "X", 5)
-    ('I win at 3.', 'I block 3.', 'I take 5.')
-    """
+def _reason(board: str, mark: str, cell: int, best: bool) -> str:
+    """A short, true reason for playing ``cell``."""
     if winner(place(board, cell, mark)) == mark:
-        return f"I win at {cell}."
+        return f"{cell} completes a line of mine."
     if winner(place(board, cell, other(mark))) == other(mark):
-        return f"I block {cell}."
-    return f"I take {cell}."
+        return f"{other(mark)} would complete a line at {cell}, so I block it."
+    if not best:
+        return f"I take {cell}."
+    value = _minimax(board, mark)[0]
+    plan = "I can force a win" if value > 0 else "best play draws" if value == 0 else "I cannot avoid a loss"
+    return f"No line to complete or block; {plan}, and {cell} keeps that."
 
 
 def move_text(reason: str, cell: int | str) -> str:
@@ -194,8 +179,8 @@ def move_text(reason: str, cell: int | str) -> str:
 class Player:
     """A scripted text policy: the minimax oracle, or with noise an imperfect teacher.
 
-    Its completions are in the answer format with a short true reason (win, block, or take a
-    cell). The teacher's noise is of two kinds: a random legal move
+    Its completions are in the answer format with a short true reason (complete a line, block
+    one, or the value of the position). The teacher's noise is of two kinds: a random legal move
     instead of a best one (a weaker player), and a malformed turn (no ``<think>`` block, no
     ``<move>`` tag, or the cell in words), which the SFT filter (format 1) removes.
 
@@ -230,8 +215,8 @@ class Player:
 
     def completion(self, board: str, mark: str) -> str:
         """One assistant turn for ``mark`` on ``board``."""
-        cell, _ = self.move(board, mark)
-        reason = _reason(board, mark, cell)
+        cell, best = self.move(board, mark)
+        reason = _reason(board, mark, cell, best)
         if self.malformed_prob and self.rng.random() < self.malformed_prob:
             kind = int(self.rng.integers(3))
             return (f"<move>{cell}</move>", f"<think>{reason}</think> I play {cell}.",

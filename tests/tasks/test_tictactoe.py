@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from collections import Counter
@@ -22,7 +21,6 @@ from llm_gym.tasks.tictactoe import (
     TicTacToeEnv,
     batch_options,
     best_moves,
-    board_line,
     evaluate_player,
     is_formatted,
     keep_for_sft,
@@ -91,7 +89,7 @@ def test_reset_shows_the_board_and_the_rules(tokenizer):
     assert "<think>...</think>" in system["content"] and "<move>...</move>" in system["content"]
     assert user == {"role": "user", "content": (
         "New game. You play X and move first.\n\n1 | 2 | 3\n---------\n4 | 5 | 6\n---------\n7 | 8 | 9\n\n"
-        "Free cells: 1, 2, 3, 4, 5, 6, 7, 8, 9. Your move.\nYou: X. Board: . . . . . . . . .")}
+        "Free cells: 1, 2, 3, 4, 5, 6, 7, 8, 9. Your move.")}
     assert info == {"board": ".........", "mark": "X", "invalid_moves": 0}
     rendered = tokenizer.apply_chat_template(list(obs["messages"]), tokenize=False, add_generation_prompt=True)
     assert obs["prompt"] == rendered
@@ -107,16 +105,6 @@ def test_reset_shows_the_board_and_the_rules(tokenizer):
 
 def test_board_rendering_numbers_the_free_cells():
     assert render_board("X...O...X") == "X | 2 | 3\n---------\n4 | O | 6\n---------\n7 | 8 | X"
-
-
-def test_the_board_line_has_the_same_tokens_for_every_board(tokenizer):
-    assert board_line("XO.......", "O") == "You: O. Board: X O . . . . . . ."
-    # one token per cell on every board (3^9 of them, both marks): cell k sits at a fixed offset before the reply
-    counts = {len(tokenizer(board_line("".join(cells), mark))["input_ids"])
-              for cells in itertools.product("XO.", repeat=9) for mark in "XO"}  # fmt: skip
-    assert counts == {len(tokenizer(board_line(".........", "X"))["input_ids"])}
-    env, obs, info = _game("O", 0.0)
-    assert obs["messages"][1]["content"].endswith(f"Your move.\n{board_line(info['board'], 'O')}")
 
 
 def test_who_starts_is_drawn_from_the_seed_about_half_the_time():
