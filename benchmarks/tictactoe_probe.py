@@ -11,7 +11,10 @@ inside ``<move>N</move>``), reports:
 * ``valid``: the share of turns where the model's top digit is a free cell;
 * ``best``: the share where it is one of the oracle's best moves (:func:`best_moves`);
 * ``copy``: the share where it equals the cell the turn's ``<think>`` already named (when it names
-  one: the move is then a copy of a token a few places back).
+  one: the move is then a copy of a token a few places back);
+* ``think_nll``, ``think_valid``, ``think_best``: the same three at the digit where the
+  ``<think>`` names the cell (teacher-forced on the reason's words before it), the real decision
+  when the move only copies it.
 
 Run from the repository root (``MODEL`` a saved SFT model, e.g. a ``ttt-sft-*`` cache folder)::
 
@@ -72,6 +75,11 @@ def probe(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[str,
 
     digit_ids = {tokenizer.convert_tokens_to_ids(str(d)): d for d in range(1, 10)}
     nll, valid, best, copy, named = [], [], [], [], 0
+    think: list[tuple[float, bool, bool]] = []
+
+    def top_digit(logits_row: torch.Tensor) -> int:
+        return list(digit_ids.values())[int(logits_row[list(digit_ids)].argmax())]
+
     model.eval()
     for messages in conversations:
         ids, labels = conversation_ids(messages, tokenizer)
@@ -79,21 +87,29 @@ def probe(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[str,
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # [L, V]
         # an assistant turn ends ... <move> N </ move > EOS: its move digit is 4 tokens before each EOS
         ends = [t for t, lab in enumerate(labels) if lab == tokenizer.eos_token_id]
-        for end, (board, mark, move, think_cell) in zip(ends, turn_decisions(messages), strict=True):
+        starts = [t for t in range(1, len(labels)) if labels[t] != -100 and labels[t - 1] == -100]
+        decisions = turn_decisions(messages)
+        for start, end, (board, mark, move, think_cell) in zip(starts, ends, decisions, strict=True):
             t = end - 4
             if digit_ids.get(ids[t]) != move:
                 raise ValueError(f"token {t} is not the move digit {move}: {tokenizer.decode(ids[t - 3 : t + 2])!r}")
             nll.append(-float(logp[t - 1, ids[t]]))
-            scores = logp[t - 1, list(digit_ids)]
-            top = list(digit_ids.values())[int(scores.argmax())]
+            top = top_digit(logp[t - 1])
             valid.append(top in free_cells(board))
             best.append(top in best_moves(board, mark))
             if think_cell is not None:
                 named += 1
                 copy.append(top == think_cell)
+                close = next(u for u in range(start, end) if "</" in tokenizer.decode(ids[u]))  # ends the think
+                u = max(u for u in range(start, close) if digit_ids.get(ids[u]) == think_cell)
+                pick = top_digit(logp[u - 1])
+                think.append((-float(logp[u - 1, ids[u]]), pick in free_cells(board), pick in best_moves(board, mark)))
     n = len(nll)
-    return {"turns": n, "move_nll": sum(nll) / n, "valid": sum(valid) / n, "best": sum(best) / n,
-            "copy": sum(copy) / named if named else float("nan")}  # fmt: skip
+    result = {"turns": n, "move_nll": sum(nll) / n, "valid": sum(valid) / n, "best": sum(best) / n,
+              "copy": sum(copy) / named if named else float("nan")}  # fmt: skip
+    for i, name in enumerate(("think_nll", "think_valid", "think_best")):
+        result[name] = sum(float(v[i]) for v in think) / len(think) if think else float("nan")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -128,8 +128,9 @@ def test_tictactoe_probe_by_hand():
             user("O...X...."), {"role": "assistant", "content": "<think>I take 9.</think><move>9</move>"}]  # fmt: skip
     assert board_of(game[3]["content"]) == "O...X...."
     # turn 1 (X, empty board): 5 is free and a best move (every first move draws) and the cell the think named;
-    # turn 2 (X, O on 1 and X on 5): 5 is taken, and the think named 9
+    # turn 2 (X, O on 1 and X on 5): 5 is taken, and the think named 9; at the think's digit the same
     result = probe(AlwaysFive(), tokenizer, [game])
     miss = math.log(math.exp(10) + vocab - 1)
-    assert result == pytest.approx({"turns": 2, "move_nll": ((miss - 10) + miss) / 2, "valid": 0.5, "best": 0.5,
-                                    "copy": 0.5})  # fmt: skip
+    nll = ((miss - 10) + miss) / 2
+    assert result == pytest.approx({"turns": 2, "move_nll": nll, "valid": 0.5, "best": 0.5, "copy": 0.5,
+                                    "think_nll": nll, "think_valid": 0.5, "think_best": 0.5})  # fmt: skip
