@@ -100,3 +100,37 @@ def test_population_step_benchmark_prints_a_table_then_its_json_last(capsys):
     assert 0 < summary["single_tokens"] <= 4 * 8 * 4 and 0 < summary["population_tokens"] <= 2 * 4 * 8 * 4
     assert any(line.startswith("| population | 2 |") for line in lines)
     assert any(line.startswith("| sequential | 2 |") for line in lines)
+
+
+def test_tictactoe_probe_by_hand():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from benchmarks.tictactoe_probe import board_of, probe
+    from llm_gym.tasks.tictactoe import SYSTEM_PROMPT, render_board
+    from llm_gym.tiny import tiny_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path("tiny", env_ids=["llm_gym/TicTacToe-v0"]))
+    five, vocab = tokenizer.convert_tokens_to_ids("5"), len(tokenizer)
+
+    class AlwaysFive(torch.nn.Module):  # every position's top token is the digit 5, by 10 nats
+        def forward(self, input_ids):
+            logits = torch.zeros(1, input_ids.shape[1], vocab)
+            logits[..., five] = 10.0
+            return SimpleNamespace(logits=logits)
+
+    user = lambda board: {"role": "user", "content": f"Move.\n\n{render_board(board)}\n\nFree cells: ... Your move."}  # noqa: E731
+    game = [{"role": "system", "content": SYSTEM_PROMPT}, user("........."),
+            {"role": "assistant", "content": "<think>Best play draws, and 5 keeps that.</think><move>5</move>"},
+            user("O...X...."), {"role": "assistant", "content": "<think>I take 9.</think><move>9</move>"}]  # fmt: skip
+    assert board_of(game[3]["content"]) == "O...X...."
+    # turn 1 (X, empty board): 5 is free and a best move (every first move draws) and the cell the think named;
+    # turn 2 (X, O on 1 and X on 5): 5 is taken, and the think named 9; at the think's digit the same
+    result = probe(AlwaysFive(), tokenizer, [game])
+    miss = math.log(math.exp(10) + vocab - 1)
+    nll = ((miss - 10) + miss) / 2
+    assert result == pytest.approx({"turns": 2, "move_nll": nll, "valid": 0.5, "best": 0.5, "copy": 0.5,
+                                    "think_nll": nll, "think_valid": 0.5, "think_best": 0.5})  # fmt: skip
