@@ -8,8 +8,13 @@ valid, well-formatted moves (knobs: ``format_weight=1``, ``invalid_move_weight=-
 the same 16 held-out game setups) must rise by a fixed margin while the share of games with an
 invalid move falls. Everything is seeded and runs on one thread.
 
-Observed on the 2-core development machine (seed 0): held-out mean sampled reward 0.281 before
-GRPO, 0.648 after 90 steps; games with an invalid move 36.7 % -> 13.3 %. About 1-2 min of CPU.
+Observed on the 2-core development machine (lr 1e-3, 90 steps): held-out mean sampled reward
+0.281 -> 0.523 (seed 0), 0.266 -> 0.578 (seed 1), 0.203 -> 0.508 (seed 2); games with an invalid
+move 36.7 % -> 24.2 % (seed 0). About 1-2 min of CPU.
+
+Why lr 1e-3 (it was 3e-3): at 3e-3 the run is chaotic at float-rounding level. The SFT's shared-prefix
+loss (same loss to 2e-8) moved seed 0 from 0.648 to 0.352 after 90 steps (0.594 at 120, 0.547 at
+150), while seeds 1 and 2 reached 0.539 and 0.625; at 1e-3 all three seeds clear the margin by 2x+.
 
 Why 90 steps: with 30 steps (the first version of this test) the committed code gives 0.281 -> 0.320
 (invalid 36.7 % -> 32.8 %) at def3f97 and at every later commit tried, so the 0.500 once recorded
@@ -34,7 +39,7 @@ from llm_gym.tasks.tictactoe.training import make_training_env, sft_examples
 from llm_gym.tiny import tiny_model_path
 
 MARGIN = 0.1
-"""Required rise of the held-out mean sampled reward (range [-1, 1]); observed rise 0.37."""
+"""Required rise of the held-out mean sampled reward (range [-1, 1]); observed rises 0.24-0.31 (seeds 0-2)."""
 STEPS = 90
 """GRPO steps (one batch of 4 game setups x 8 samples each)."""
 VALIDITY = {"format_weight": 1.0, "invalid_move_weight": -1.0, "outcome_weight": 0.0, "max_turns": 1}
@@ -50,7 +55,7 @@ def test_multi_turn_grpo_lowers_the_invalid_move_rate():
     env = make_training_env(tokenizer, data_batch_size_per_gpu=4, test_games=8, **VALIDITY)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", lora_dropout=0.0)
     agent = GRPO(actor_network=model, pad_token_id=tokenizer.pad_token_id, lora_config=lora, device="cpu",
-                 group_size=8, batch_size=32, max_output_tokens=32, max_model_len=1024, lr=3e-3, beta=0.0,
+                 group_size=8, batch_size=32, max_output_tokens=32, max_model_len=1024, lr=1e-3, beta=0.0,
                  seed=0)  # fmt: skip
     before = evaluate(agent, env, greedy=False)
     assert 0.1 < before["game/invalid_games"] < 0.9  # room to learn, and something to learn from
