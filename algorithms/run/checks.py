@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from llm_gym.algorithms.run.resume import ResumePoint, find_resume_point, merge_resumed_config
 from llm_gym.usage import UsageError, check_model_source
 
-if TYPE_CHECKING:  # annotations only: the recipe imports this module
-    from llm_gym.algorithms.recipe import TrainConfig
+if TYPE_CHECKING:  # annotations only
+    from llm_gym.algorithms.train_config import TrainConfig
 
 __all__ = ["check_resume", "check_run"]
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from llm_gym.algorithms.run.resume import ResumePoint
 
-if TYPE_CHECKING:  # annotations only: the recipe imports this module
-    from llm_gym.algorithms.recipe import TrainConfig
+if TYPE_CHECKING:  # annotations only
+    from llm_gym.algorithms.train_config import TrainConfig
 
 __all__ = ["SFT_WARMUP_STEPS", "sft_data_line", "sft_model"]
 
